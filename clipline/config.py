@@ -1,0 +1,162 @@
+"""Runtime configuration, read from ``CLIPLINE_*`` environment variables.
+
+One frozen :class:`Settings` object is shared by the CLI, the workers, the GPU daemon
+and the API. Every field has a safe default for a single machine; the Helm chart and
+the operator set the variables for a cluster. ``Settings.to_env()`` is the inverse of
+``Settings.from_env()`` so a parent process can hand its configuration to children.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from clipline import constants
+
+ENV_PREFIX = "CLIPLINE_"
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
+        tempfile.gettempdir(), f"clipline-{os.getuid()}"
+    )
+    return os.path.join(base, "clipline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """All tunables. Field ``foo_bar`` is read from ``CLIPLINE_FOO_BAR``."""
+
+    # Identity and connections.
+    deployment: str = constants.DEFAULT_DEPLOYMENT
+    node_name: str = "local"
+    redis_url: str = ""  # empty: the local stack starts an embedded server
+
+    # Shared-memory transport.
+    shm_dir: str = constants.DEFAULT_SHM_DIR
+    shm_slots: int = 32
+    shm_slot_bytes: int = 4 * 1024 * 1024
+    shm_reserve_timeout_s: float = 30.0
+    shm_starvation_age_s: float = 10.0
+
+    # What the workers produce for the daemon (published in the arena header too).
+    frames_per_chunk: int = 16
+    frame_size: int = 128
+    sample_fps: float = 4.0
+
+    # GPU daemon.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 5.0
+    torch_threads: int = 0  # 0: min(4, cores)
+    models: str = "features"  # comma-separated registry names run per chunk
+    backend: str = "eager"
+    weights_dir: str = ""
+    daemon_metrics_port: int = 0  # 0: no HTTP endpoint
+    result_ttl_s: int = 3600
+
+    # Workers.
+    worker_concurrency: int = 2
+    worker_metrics_port: int = 0
+    scratch_dir: str = ""  # empty: <state_dir>/scratch
+    artifacts_dir: str = ""  # empty: <state_dir>/artifacts
+    local_roots: str = ""  # os.pathsep-separated directories local paths may come from
+    allow_private_networks: bool = False
+    allow_loopback: bool = False
+    max_video_bytes: int = 512 * 1024 * 1024
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_duration_s: float = 600.0
+    max_resolution: int = 4096
+    max_frames: int = 200_000
+    min_decoded_frames: int = 2
+    fetch_connect_timeout_s: float = 5.0
+    fetch_read_timeout_s: float = 30.0
+    fetch_retries: int = 3
+    job_soft_time_limit_s: float = 600.0
+    job_time_limit_s: float = 660.0
+    inference_timeout_s: float = 120.0
+    max_attempts: int = 5
+    terminal_ttl_s: int = 7 * 24 * 3600
+    visibility_timeout_s: int = 900
+    ffmpeg: str = "ffmpeg"  # path or name; empty disables ffmpeg (OpenCV VP9 fallback)
+
+    # Local stack.
+    state_dir: str = dataclasses.field(default_factory=_default_state_dir)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``), then apply ``overrides``."""
+        env = os.environ if env is None else env
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is None:
+                continue
+            values[field.name] = _parse(hints[field.name], raw, field.name)
+        if "redis_url" not in values and env.get("REDIS_URL"):
+            values["redis_url"] = env["REDIS_URL"]
+        values.update(overrides)
+        settings = cls(**values)
+        constants.check_deployment(settings.deployment)
+        return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes ``from_env`` rebuild these settings."""
+        out: dict[str, str] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[ENV_PREFIX + field.name.upper()] = (
+                ("1" if value else "0") if isinstance(value, bool) else str(value)
+            )
+        return out
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    # Derived paths -------------------------------------------------------
+    @property
+    def scratch_path(self) -> Path:
+        return Path(self.scratch_dir or os.path.join(self.state_dir, self.deployment, "scratch"))
+
+    @property
+    def artifacts_path(self) -> Path:
+        return Path(
+            self.artifacts_dir or os.path.join(self.state_dir, self.deployment, "artifacts")
+        )
+
+    @property
+    def local_root_paths(self) -> list[Path]:
+        return [Path(p).resolve() for p in self.local_roots.split(os.pathsep) if p]
+
+    @property
+    def arena_path(self) -> Path:
+        return Path(self.shm_dir) / constants.shm_arena_name(self.deployment)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.shm_dir) / constants.shm_socket_name(self.deployment)
+
+
+def _parse(kind: Any, raw: str, name: str) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ValueError(
+            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}"
+        ) from exc

@@ -1,0 +1,201 @@
+"""Every wire-level name of clipline in one place.
+
+Queue names, Redis keys, shared-memory segment names and layout identifiers, the
+custom-resource group, HTTP headers and Prometheus metric names live here so that the
+API, the workers, the GPU daemon, the operator, the Helm chart tests and the Grafana
+dashboards all agree. Renaming anything here is a wire-format change.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Final
+
+PROJECT: Final = "clipline"
+
+# ---------------------------------------------------------------------------
+# Deployment names. A deployment name namespaces every queue, key and segment so
+# that two installations on one node (or two test sessions on one Redis) never
+# collide. It must be a DNS-label-like token.
+# ---------------------------------------------------------------------------
+DEFAULT_DEPLOYMENT: Final = "clipline"
+DEPLOYMENT_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+def check_deployment(name: str) -> str:
+    """Return ``name`` if it is a valid deployment name, else raise ``ValueError``."""
+    if not DEPLOYMENT_RE.match(name):
+        raise ValueError(
+            f"invalid deployment name {name!r}: use 1-40 lowercase letters, digits and '-'"
+        )
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Priority classes. Celery on Redis treats 0 as the highest priority; within a
+# class requests are served in arrival order.
+# ---------------------------------------------------------------------------
+class PriorityClass(enum.StrEnum):
+    """Closed set of request priority classes, highest first."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """0 for the most urgent class; used by the GPU daemon's ordering."""
+        return _PRIORITY_RANK[self]
+
+    @property
+    def celery_priority(self) -> int:
+        """The Celery/Kombu priority number (0 = highest on the Redis transport)."""
+        return _CELERY_PRIORITY[self]
+
+
+_PRIORITY_RANK: Final = {PriorityClass.HIGH: 0, PriorityClass.NORMAL: 1, PriorityClass.LOW: 2}
+_CELERY_PRIORITY: Final = {PriorityClass.HIGH: 0, PriorityClass.NORMAL: 4, PriorityClass.LOW: 8}
+DEFAULT_PRIORITY: Final = PriorityClass.NORMAL
+CELERY_PRIORITY_STEPS: Final = list(range(10))
+
+
+def queue_name(deployment: str) -> str:
+    """Celery queue that carries jobs for ``deployment``."""
+    return f"{PROJECT}.{deployment}.jobs"
+
+
+CELERY_TASK_PROCESS_JOB: Final = "clipline.process_job"
+CELERY_TASK_DELIVER_CALLBACK: Final = "clipline.deliver_callback"
+
+
+# ---------------------------------------------------------------------------
+# Redis keys (all under one prefix per deployment).
+# ---------------------------------------------------------------------------
+def redis_prefix(deployment: str) -> str:
+    return f"{PROJECT}:{deployment}"
+
+
+def job_key(deployment: str, job_id: str) -> str:
+    """Hash holding one job's state machine and record."""
+    return f"{redis_prefix(deployment)}:job:{job_id}"
+
+
+def job_events_channel(deployment: str, job_id: str) -> str:
+    """Pub/sub channel where each state transition of a job is announced."""
+    return f"{redis_prefix(deployment)}:events:{job_id}"
+
+
+def results_key(deployment: str, job_id: str) -> str:
+    """List where the GPU daemon pushes one JSON result per processed chunk."""
+    return f"{redis_prefix(deployment)}:results:{job_id}"
+
+
+def idempotency_key(deployment: str, key_hash: str) -> str:
+    """String mapping a client's Idempotency-Key (hashed) to a job id."""
+    return f"{redis_prefix(deployment)}:idem:{key_hash}"
+
+
+def daemon_heartbeat_key(deployment: str, node: str) -> str:
+    """Hash the GPU daemon refreshes while it is ready (device, models, pid)."""
+    return f"{redis_prefix(deployment)}:daemon:{node}"
+
+
+def worker_heartbeat_key(deployment: str, node: str) -> str:
+    return f"{redis_prefix(deployment)}:worker:{node}"
+
+
+# ---------------------------------------------------------------------------
+# Shared-memory transport. One arena file per deployment in a node-local
+# directory (``/dev/shm`` by default), owner-only, plus a datagram socket the
+# producers use to wake the daemon.
+# ---------------------------------------------------------------------------
+DEFAULT_SHM_DIR: Final = "/dev/shm"
+SHM_MAGIC: Final = b"CLIPLNE1"
+SHM_LAYOUT_VERSION: Final = 1
+SHM_FILE_MODE: Final = 0o600
+
+
+def shm_arena_name(deployment: str) -> str:
+    return f"{PROJECT}-{deployment}.arena"
+
+
+def shm_socket_name(deployment: str) -> str:
+    return f"{PROJECT}-{deployment}.sock"
+
+
+# ---------------------------------------------------------------------------
+# Kubernetes custom resource.
+# ---------------------------------------------------------------------------
+CRD_GROUP: Final = "clipline.dev"
+CRD_VERSION: Final = "v1alpha1"
+CRD_KIND: Final = "ClipPipeline"
+CRD_PLURAL: Final = "clippipelines"
+CRD_SINGULAR: Final = "clippipeline"
+CRD_SHORT_NAMES: Final = ("clp",)
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_NODE: Final = f"{CRD_GROUP}/node"
+
+
+# ---------------------------------------------------------------------------
+# HTTP.
+# ---------------------------------------------------------------------------
+API_PREFIX: Final = "/v1"
+HEADER_IDEMPOTENCY_KEY: Final = "Idempotency-Key"
+HEADER_SIGNATURE: Final = "Clipline-Signature"
+HEADER_EVENT_ID: Final = "Clipline-Event-Id"
+
+DEFAULT_API_PORT: Final = 8080
+DEFAULT_DAEMON_METRICS_PORT: Final = 9400
+DEFAULT_WORKER_METRICS_PORT: Final = 9401
+DEFAULT_OPERATOR_METRICS_PORT: Final = 9402
+
+# The non-root user and group the image runs as (the arena directory is owned by them).
+CONTAINER_UID: Final = 10001
+CONTAINER_GID: Final = 10001
+
+
+# ---------------------------------------------------------------------------
+# Prometheus metric names (base units; counters end in _total). Labels are
+# bounded: never a job id.
+# ---------------------------------------------------------------------------
+class Metric:
+    """Exposed metric names. Exporters, dashboards and alert rules import these."""
+
+    GPU_UTILIZATION_RATIO: Final = "clipline_gpu_utilization_ratio"
+    DEVICE_BUSY_RATIO: Final = "clipline_device_busy_ratio"
+    BATCH_SIZE: Final = "clipline_batch_size"
+    QUEUE_WAIT_SECONDS: Final = "clipline_queue_wait_seconds"
+    INFERENCE_SECONDS: Final = "clipline_inference_seconds"
+    ITEMS_PROCESSED_TOTAL: Final = "clipline_items_processed_total"
+    SHM_SLOTS_IN_USE: Final = "clipline_shm_slots_in_use"
+    SHM_SLOTS_TOTAL: Final = "clipline_shm_slots"
+    SHM_RESERVE_WAIT_SECONDS: Final = "clipline_shm_reserve_wait_seconds"
+    HANDOFF_SECONDS: Final = "clipline_handoff_seconds"
+    HANDOFF_BYTES_TOTAL: Final = "clipline_handoff_bytes_total"
+    SHM_SLOTS_RECLAIMED_TOTAL: Final = "clipline_shm_slots_reclaimed_total"
+    JOBS_TOTAL: Final = "clipline_jobs_total"
+    STAGE_SECONDS: Final = "clipline_stage_seconds"
+    FRAMES_DECODED_TOTAL: Final = "clipline_frames_decoded_total"
+    QUEUE_DEPTH: Final = "clipline_queue_depth"
+    JOBS_IN_FLIGHT: Final = "clipline_jobs_in_flight"
+    AUTOSCALER_DESIRED_WORKERS: Final = "clipline_autoscaler_desired_workers"
+    AUTOSCALER_DECISIONS_TOTAL: Final = "clipline_autoscaler_decisions_total"
+    API_REQUESTS_TOTAL: Final = "clipline_api_requests_total"
+    API_REQUEST_SECONDS: Final = "clipline_api_request_seconds"
+    CALLBACKS_TOTAL: Final = "clipline_callbacks_total"
+
+
+# Label names (bounded value sets).
+LABEL_STATUS: Final = "status"
+LABEL_CODE: Final = "code"
+LABEL_STAGE: Final = "stage"
+LABEL_PRIORITY: Final = "priority"
+LABEL_MODEL: Final = "model"
+LABEL_BACKEND: Final = "backend"
+LABEL_NODE_METRIC: Final = "node"
+LABEL_DIRECTION: Final = "direction"
+LABEL_REASON: Final = "reason"

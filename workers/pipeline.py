@@ -1,0 +1,255 @@
+"""One job, start to finish, on a CPU worker: fetch -> decode -> infer -> select -> render.
+
+:func:`run_job` is what the Celery task calls. It claims the job under a lease (so a
+duplicate delivery does nothing), runs each stage as a function of its own (timed into
+``clipline_stage_seconds``), advances the job's state between stages, and always
+removes its scratch directory. It returns an :class:`Outcome` telling the task
+whether to acknowledge, or to retry later (a transient error with attempts left).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from clipline import metrics as m
+from clipline.config import Settings
+from clipline.constants import PriorityClass
+from clipline.errors import ClipError, ErrorCode
+from gpu_service.client import GpuClient
+from workers import decode, fetch, render, select
+from workers.job import ACTIVE, JobSpec, JobState
+from workers.store import JobStore
+
+log = logging.getLogger("clipline.worker")
+LEASE_S = 30.0
+
+
+class Outcome(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRY = "retry"
+    SKIPPED = "skipped"  # terminal already, or someone else holds it
+
+
+@dataclasses.dataclass
+class Result:
+    outcome: Outcome
+    error: ClipError | None = None
+    attempt: int = 0
+
+
+class _Lease:
+    """Keeps the job's lease alive from a background thread while a stage runs."""
+
+    def __init__(self, store: JobStore, job_id: str, token: str) -> None:
+        self.store, self.job_id, self.token = store, job_id, token
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(LEASE_S / 3):
+            try:
+                if not self.store.renew(self.job_id, self.token, LEASE_S):
+                    self.lost.set()
+                    return
+            except Exception:  # Redis hiccup: try again next period
+                log.warning("lease renewal for %s failed", self.job_id, exc_info=True)
+
+    def __enter__(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+
+class Cancelled(Exception):
+    """The job left the active states under us (cancelled, or taken over)."""
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        elapsed = time.monotonic() - start
+        timings[name] = round(timings.get(name, 0.0) + elapsed, 6)
+        m.STAGE_SECONDS.labels(name).observe(elapsed)
+
+
+class JobRunner:
+    """Runs jobs in one worker process (holds the Redis store and the GPU client)."""
+
+    def __init__(self, settings: Settings, redis_client: Any) -> None:
+        self.settings = settings
+        self.redis = redis_client
+        self.store = JobStore(redis_client, settings.deployment, settings.terminal_ttl_s)
+        self.gpu = GpuClient(settings, redis_client)
+
+    def run(self, job_id: str) -> Result:
+        token = uuid.uuid4().hex
+        status, state, attempt = self.store.claim(
+            job_id, token, LEASE_S, self.settings.max_attempts
+        )
+        if status == 0:
+            log.info("job %s not claimable (state %s): skipping", job_id, state or "missing")
+            return Result(Outcome.SKIPPED)
+        if status == 2:
+            err = ClipError(
+                ErrorCode.WORKER_LOST, f"the job was interrupted {attempt} times; giving up"
+            )
+            self._fail_unleased(job_id, err)
+            return Result(Outcome.FAILED, err, attempt)
+        job = self.store.get(job_id)
+        assert job is not None
+        scratch = self.settings.scratch_path / f"{job_id}-{attempt}"
+        m.JOBS_IN_FLIGHT.inc()
+        try:
+            with _Lease(self.store, job_id, token) as lease:
+                self._process(job_id, job.spec, job.created_at, token, attempt, scratch, lease)
+            return Result(Outcome.SUCCEEDED, attempt=attempt)
+        except Cancelled:
+            log.info("job %s was cancelled or taken over during attempt %d", job_id, attempt)
+            return Result(Outcome.SKIPPED, attempt=attempt)
+        except ClipError as err:
+            return self._handle_error(job_id, token, attempt, err)
+        except Exception as exc:  # a bug: fail the job with a reason, never lose it
+            log.exception("job %s failed unexpectedly", job_id)
+            internal = ClipError(
+                ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", transient=False
+            )
+            return self._handle_error(job_id, token, attempt, internal)
+        finally:
+            m.JOBS_IN_FLIGHT.dec()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------
+    def _advance(self, job_id: str, to: JobState, token: str, **fields: Any) -> None:
+        if not self.store.advance(job_id, to, token, **fields):
+            raise Cancelled()
+
+    def _process(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        created_at: float,
+        token: str,
+        attempt: int,
+        scratch: Path,
+        lease: _Lease,
+    ) -> None:
+        timings: dict[str, float] = {}
+        job = self.store.raw(job_id)
+        timings["queued"] = round(float(job.get("started_at", created_at)) - created_at, 6)
+        scratch.mkdir(parents=True, exist_ok=True)
+
+        with stage("fetch", timings):
+            video_path, _container = fetch.fetch_video(spec.video_url, scratch, self.settings)
+            images = [
+                fetch.fetch_image(u, scratch, i, self.settings)
+                for i, u in enumerate(spec.image_urls)
+            ]
+        self._advance(job_id, JobState.DECODING, token, timings=timings)
+
+        priority = PriorityClass(spec.priority).rank
+        writer = self.gpu.writer(job_id, attempt, priority, created_at)
+        infer_start = 0.0
+        try:
+            with stage("decode", timings):
+
+                def fill_refs(arr: Any) -> int:
+                    n = min(len(images), arr.shape[0])
+                    for i in range(n):
+                        decode.load_image(images[i], writer.size, arr[i], f"product image {i + 1}")
+                    return n
+
+                writer.publish_refs(fill_refs)
+                infer_start = time.monotonic()
+                info = decode.sample_video(video_path, self.settings, writer, writer.size)
+                writer.flush()
+        except BaseException:
+            writer.abort()
+            self.gpu.producer.withdraw(job_id, attempt)
+            raise
+        if lease.lost.is_set():
+            raise Cancelled()
+        self._advance(job_id, JobState.INFERRING, token, timings=timings, video=info.to_dict())
+
+        def heartbeat() -> None:
+            if lease.lost.is_set():
+                raise Cancelled()
+
+        results = self.gpu.collect(
+            job_id, attempt, writer.published, self.settings.inference_timeout_s, heartbeat
+        )
+        timings["inference"] = round(time.monotonic() - infer_start, 6)
+        m.STAGE_SECONDS.labels("inference").observe(timings["inference"])
+        self._advance(job_id, JobState.RENDERING, token, timings=timings)
+
+        with stage("render", timings):
+            choice = select.select(results, info.kept_timestamps, info.duration_s, spec.duration_s)
+            first = round(choice.start_s * info.fps)
+            n_frames = min(
+                round((choice.end_s - choice.start_s) * info.fps), info.decoded_frames - first
+            )
+            dest = self.settings.artifacts_path / f"{job_id}.mp4"
+            clip = render.render(
+                video_path, dest, choice.start_s, n_frames, info.fps, self.settings.ffmpeg
+            )
+        timings["total"] = round(time.time() - created_at, 6)
+        highlight = {
+            "start_s": round(choice.start_s, 6),
+            "end_s": round(choice.start_s + clip.frames / info.fps, 6),
+            "score": round(choice.score, 6),
+            "path": str(clip.path),
+            "codec": clip.codec,
+            "audio": clip.audio,
+            "frames": clip.frames,
+        }
+        if not self.store.advance(
+            job_id, JobState.SUCCEEDED, token, highlight=highlight, timings=timings, error=""
+        ):
+            dest.unlink(missing_ok=True)
+            raise Cancelled()
+        m.JOBS.labels("succeeded", "").inc()
+        log.info(
+            "job %s succeeded: %.2f-%.2f s (score %.3f)",
+            job_id,
+            choice.start_s,
+            highlight["end_s"],
+            choice.score,
+        )
+
+    def _handle_error(self, job_id: str, token: str, attempt: int, err: ClipError) -> Result:
+        if err.transient and attempt < self.settings.max_attempts:
+            log.warning("job %s attempt %d: %s (will retry)", job_id, attempt, err.message)
+            back = self.store.transition(
+                job_id, ACTIVE, JobState.QUEUED, lease=token, last_error=json.dumps(err.to_dict())
+            )
+            return Result(Outcome.RETRY if back else Outcome.SKIPPED, err, attempt)
+        log.warning("job %s failed: %s: %s", job_id, err.code.value, err.message)
+        if self.store.transition(
+            job_id, ACTIVE, JobState.FAILED, lease=token, error=json.dumps(err.to_dict())
+        ):
+            m.JOBS.labels("failed", err.code.value).inc()
+            return Result(Outcome.FAILED, err, attempt)
+        return Result(Outcome.SKIPPED, err, attempt)
+
+    def _fail_unleased(self, job_id: str, err: ClipError) -> None:
+        if self.store.transition(
+            job_id, {JobState.QUEUED, *ACTIVE}, JobState.FAILED, error=json.dumps(err.to_dict())
+        ):
+            m.JOBS.labels("failed", err.code.value).inc()

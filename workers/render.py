@@ -1,0 +1,177 @@
+"""Render stage: cut the chosen window out of the source into a browser-playable clip.
+
+With ffmpeg installed the clip is H.264 (yuv420p, ``+faststart``) with the source's
+audio re-encoded to AAC, in MP4. Without ffmpeg it is VP9 in MP4 written by OpenCV's
+bundled FFmpeg (no audio: OpenCV cannot carry it). MPEG-4 part 2 (``mp4v``) is never
+used: browsers do not play it.
+
+The clip keeps the source frame rate and holds exactly ``round(length * fps)`` frames,
+counted from the frames that really decode (not from container metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+
+from clipline.errors import ClipError, ErrorCode
+from workers.decode import open_capture
+
+
+@dataclasses.dataclass
+class Rendered:
+    path: Path
+    frames: int
+    fps: float
+    codec: str
+    audio: bool
+
+
+def has_audio(ffprobe: str, src: Path) -> bool:
+    try:
+        out = subprocess.run(
+            [
+                ffprobe,
+                "-v",
+                "error",
+                "-select_streams",
+                "a",
+                "-show_entries",
+                "stream=index",
+                "-of",
+                "csv=p=0",
+                str(src),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return bool(out.stdout.strip())
+
+
+def find_ffmpeg(name: str) -> tuple[str, str] | None:
+    """(ffmpeg, ffprobe) executables, or None when ffmpeg is disabled or missing."""
+    if not name:
+        return None
+    ffmpeg = shutil.which(name)
+    if ffmpeg is None:
+        return None
+    probe = shutil.which(str(Path(ffmpeg).with_name("ffprobe"))) or shutil.which("ffprobe")
+    return (ffmpeg, probe) if probe else None
+
+
+def render(
+    src: Path,
+    dest: Path,
+    start_s: float,
+    frames: int,
+    fps: float,
+    ffmpeg: str,
+    timeout_s: float = 300.0,
+) -> Rendered:
+    """Write ``frames`` frames from ``start_s`` of ``src`` to ``dest`` (an .mp4)."""
+    if frames < 1:
+        raise ClipError(ErrorCode.RENDER_FAILED, "nothing to render: the window holds no frame")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tools = find_ffmpeg(ffmpeg)
+    if tools is not None:
+        return _render_ffmpeg(tools, src, dest, start_s, frames, fps, timeout_s)
+    return _render_opencv(src, dest, start_s, frames, fps)
+
+
+def _render_ffmpeg(
+    tools: tuple[str, str],
+    src: Path,
+    dest: Path,
+    start_s: float,
+    frames: int,
+    fps: float,
+    timeout_s: float,
+) -> Rendered:
+    ffmpeg, ffprobe = tools
+    audio = has_audio(ffprobe, src)
+    tmp = dest.with_name(dest.name + ".part.mp4")
+    cmd = [
+        ffmpeg,
+        "-nostdin",
+        "-v",
+        "error",
+        "-y",
+        "-ss",
+        f"{start_s:.6f}",
+        "-i",
+        str(src),
+        "-map",
+        "0:v:0",
+        "-frames:v",
+        str(frames),
+        "-vf",
+        "scale=trunc(iw/2)*2:trunc(ih/2)*2",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-crf",
+        "23",
+        "-pix_fmt",
+        "yuv420p",
+        "-fps_mode",
+        "passthrough",
+    ]
+    if audio:
+        cmd += ["-map", "0:a:0", "-c:a", "aac", "-b:a", "128k", "-t", f"{frames / fps:.6f}"]
+    cmd += ["-movflags", "+faststart", "-f", "mp4", str(tmp)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        tmp.unlink(missing_ok=True)
+        raise ClipError(
+            ErrorCode.RENDER_FAILED, f"ffmpeg did not finish within {timeout_s:.0f} s"
+        ) from exc
+    if proc.returncode != 0 or not tmp.exists() or tmp.stat().st_size == 0:
+        tmp.unlink(missing_ok=True)
+        tail = proc.stderr.strip().splitlines()[-3:]
+        raise ClipError(
+            ErrorCode.RENDER_FAILED, "ffmpeg failed to render the clip: " + " | ".join(tail)
+        )
+    tmp.replace(dest)
+    return Rendered(dest, frames, fps, "h264", audio)
+
+
+def _render_opencv(src: Path, dest: Path, start_s: float, frames: int, fps: float) -> Rendered:
+    cap = open_capture(src)
+    tmp = dest.with_name(dest.name + ".part.mp4")
+    writer: cv2.VideoWriter | None = None
+    written = 0
+    try:
+        first = round(start_s * fps)
+        for _ in range(first):  # accurate: count decoded frames instead of seeking
+            if not cap.grab():
+                break
+        while written < frames:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if writer is None:
+                h, w = frame.shape[:2]
+                writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"vp09"), fps, (w, h))
+                if not writer.isOpened():
+                    raise ClipError(ErrorCode.RENDER_FAILED, "OpenCV cannot write VP9 video here")
+            writer.write(frame)
+            written += 1
+    finally:
+        cap.release()
+        if writer is not None:
+            writer.release()
+    if written == 0:
+        tmp.unlink(missing_ok=True)
+        raise ClipError(ErrorCode.RENDER_FAILED, "no frame could be read for the clip")
+    tmp.replace(dest)
+    return Rendered(dest, written, fps, "vp9", False)

@@ -1,0 +1,48 @@
+"""Enqueue a job: store it (idempotently) and send its Celery task with its priority."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from celery import Celery
+
+from clipline import constants
+from clipline.errors import ClipError, ErrorCode
+from workers.job import JobSpec, JobState
+from workers.store import JobStore
+
+
+def submit(
+    store: JobStore, app: Celery, spec: JobSpec, idempotency_key: str | None = None
+) -> tuple[str, bool]:
+    """Return ``(job_id, created)``; a repeated idempotency key returns the first job."""
+    job_id, created = store.create(spec, idempotency_key)
+    if created:
+        try:
+            app.send_task(
+                constants.CELERY_TASK_PROCESS_JOB,
+                args=[job_id],
+                queue=constants.queue_name(store.deployment),
+                priority=spec.priority.celery_priority,
+            )
+        except Exception as exc:
+            err = ClipError(ErrorCode.INTERNAL, f"could not enqueue the job: {exc}")
+            store.transition(
+                job_id, {JobState.QUEUED}, JobState.FAILED, error=json.dumps(err.to_dict())
+            )
+            raise
+    return job_id, created
+
+
+def queue_depths(app: Celery, deployment: str) -> dict[str, int]:
+    """Messages waiting per priority class (Kombu's Redis priority lists)."""
+    queue = constants.queue_name(deployment)
+    out: dict[str, int] = {}
+    with app.connection_for_read() as conn:
+        client: Any = conn.channel().client
+        for cls in constants.PriorityClass:
+            p = cls.celery_priority
+            name = queue if p == 0 else f"{queue}:{p}"
+            out[cls.value] = int(client.llen(name))
+    return out
