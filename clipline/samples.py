@@ -29,7 +29,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def real_media_dir() -> Path | None:
     """The folder of real sample media (``CLIPLINE_MEDIA_DIR`` or ``../shared/media``)."""
-    candidates = [os.environ.get("CLIPLINE_MEDIA_DIR", ""), str(REPO_ROOT.parent / "shared" / "media")]
+    candidates = [
+        os.environ.get("CLIPLINE_MEDIA_DIR", ""),
+        str(REPO_ROOT.parent / "shared" / "media"),
+    ]
     for c in candidates:
         if c and (Path(c) / "Megamind.avi").is_file():
             return Path(c)
@@ -54,14 +57,22 @@ def footage_frames(
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base_colors = rng.uniform(40, 200, size=(2, 3)).astype(np.float32)
     shapes = [
-        (rng.uniform(0, w), rng.uniform(0, h), rng.uniform(-3, 3), rng.uniform(-3, 3),
-         int(rng.uniform(10, 40)), tuple(int(c) for c in rng.uniform(30, 230, 3)))
+        (
+            rng.uniform(0, w),
+            rng.uniform(0, h),
+            rng.uniform(-3, 3),
+            rng.uniform(-3, 3),
+            int(rng.uniform(10, 40)),
+            tuple(int(c) for c in rng.uniform(30, 230, 3)),
+        )
         for _ in range(6)
     ]
     for i in range(n):
         phase = i / 30.0
         t = (np.sin(xx / w * 3.0 + phase) + np.cos(yy / h * 2.0 - phase * 0.7)) * 0.25 + 0.5
-        frame = (base_colors[0] * t[..., None] + base_colors[1] * (1 - t[..., None])).astype(np.uint8)
+        frame = (base_colors[0] * t[..., None] + base_colors[1] * (1 - t[..., None])).astype(
+            np.uint8
+        )
         for x0, y0, vx, vy, r, color in shapes:
             cx = int((x0 + vx * i) % w)
             cy = int((y0 + vy * i) % h)
@@ -80,7 +91,7 @@ def make_footage(
 ) -> Path:
     """Write synthetic footage (MJPEG in AVI; with a sine-tone AAC track if ``audio``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = int(round(seconds * fps))
+    n = round(seconds * fps)
     target = path if not audio else path.with_name(path.stem + ".noaudio.avi")
     writer = _writer(target, fps, size)
     for frame in footage_frames(n, size, seed):
@@ -98,9 +109,29 @@ def add_tone(src: Path, dest: Path, seconds: float, freq: float = 440.0) -> Path
     if ffmpeg is None:
         raise RuntimeError("ffmpeg is needed to add an audio track")
     subprocess.run(
-        [ffmpeg, "-nostdin", "-v", "error", "-y", "-i", str(src),
-         "-f", "lavfi", "-i", f"sine=frequency={freq}:duration={seconds:.3f}",
-         "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-shortest", str(dest)],
+        [
+            ffmpeg,
+            "-nostdin",
+            "-v",
+            "error",
+            "-y",
+            "-i",
+            str(src),
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency={freq}:duration={seconds:.3f}",
+            "-map",
+            "0:v:0",
+            "-map",
+            "1:a:0",
+            "-c:v",
+            "copy",
+            "-c:a",
+            "aac",
+            "-shortest",
+            str(dest),
+        ],
         check=True,
     )
     return dest
@@ -159,7 +190,7 @@ def make_planted_video(
     Footage comes from the given real videos (looped) or, if none, is synthetic.
     Returns the product window ``(start_s, end_s)``.
     """
-    w, h = size
+    _w, _h = size
     prod = cv2.imread(str(product), cv2.IMREAD_COLOR)
     if prod is None:
         raise RuntimeError(f"cannot read {product}")
@@ -178,7 +209,7 @@ def make_planted_video(
     else:
         sources = footage_frames(10**9, size, seed)
     writer = _writer(path, fps, size)
-    n_before, n_prod, n_after = (int(round(s * fps)) for s in (before_s, product_s, after_s))
+    n_before, n_prod, n_after = (round(s * fps) for s in (before_s, product_s, after_s))
     for _ in range(n_before):
         writer.write(next(sources))
     ph, pw = prod.shape[:2]
@@ -186,7 +217,9 @@ def make_planted_video(
         zoom = 1.0 + 0.15 * i / max(1, n_prod - 1)  # slow push-in
         cw, ch = int(pw / zoom), int(ph / zoom)
         x0, y0 = (pw - cw) // 2, (ph - ch) // 2
-        writer.write(cv2.resize(prod[y0 : y0 + ch, x0 : x0 + cw], size, interpolation=cv2.INTER_AREA))
+        writer.write(
+            cv2.resize(prod[y0 : y0 + ch, x0 : x0 + cw], size, interpolation=cv2.INTER_AREA)
+        )
     for _ in range(n_after):
         writer.write(next(sources))
     writer.release()

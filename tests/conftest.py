@@ -101,5 +101,7 @@ def real_media() -> Path:
     """The real sample media folder; tests that need it skip with the reason if absent."""
     d = samples.real_media_dir()
     if d is None:
-        pytest.skip("real sample media not found (set CLIPLINE_MEDIA_DIR or provide ../shared/media)")
+        pytest.skip(
+            "real sample media not found (set CLIPLINE_MEDIA_DIR or provide ../shared/media)"
+        )
     return d

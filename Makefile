@@ -1,0 +1,58 @@
+# clipline — every target here is what CI runs (.ci/run calls `make test`).
+SHELL := bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PY_SOURCES := clipline workers gpu_service operator/clipline_operator tests bench
+
+# The demo uses the real sample media next to the repository when present,
+# otherwise fetches it (Debian's opencv-doc package) into .samples/.
+MEDIA ?= $(firstword $(wildcard ../shared/media) .samples)
+SAMPLE_VIDEO ?= $(MEDIA)/Megamind.avi
+SAMPLE_IMAGE ?= $(MEDIA)/fruits.jpg
+
+.PHONY: install demo test lint format typecheck pytest bench bench-quick dashboards clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	@if [ ! -f "$(SAMPLE_VIDEO)" ]; then scripts/fetch-samples.sh .samples; fi
+	$(BIN)/clipline highlight "$(SAMPLE_VIDEO)" --image "$(SAMPLE_IMAGE)" \
+		--title "Fresh fruit" --description "A bowl of fruit" --out highlights
+
+test: install lint typecheck pytest
+
+lint: install
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/ruff format --check $(PY_SOURCES)
+
+format: install
+	$(BIN)/ruff format $(PY_SOURCES)
+	$(BIN)/ruff check --fix $(PY_SOURCES)
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest
+
+# Full benchmarks: tables on stdout, JSON under bench/results/.
+bench: install
+	bench/run-all.sh
+
+bench-quick: install
+	bench/run-all.sh --quick
+
+dashboards: install
+	$(BIN)/python -m clipline.dashboards --write
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache highlights
