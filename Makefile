@@ -33,6 +33,8 @@ test: install lint typecheck pytest
 lint: install
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/ruff format --check $(PY_SOURCES)
+	$(BIN)/python -m clipline.dashboards --check
+	$(BIN)/hadolint Dockerfile
 
 format: install
 	$(BIN)/ruff format $(PY_SOURCES)

@@ -5,7 +5,8 @@ Main job::
     clipline highlight VIDEO --image PRODUCT.jpg [--image ...] [--title T]
                        [--description D] [--duration 5] [--out DIR] [--json]
 
-Local stack: ``clipline up`` / ``status`` / ``down``; jobs on a running stack:
+Local stack: ``clipline up`` / ``status`` / ``down``; jobs through the HTTP API (the
+running stack's, or ``CLIPLINE_API_URL`` with ``CLIPLINE_API_KEY``):
 ``clipline submit`` / ``job ID`` / ``wait ID``. Service entrypoints (what the container
 image runs): ``clipline gpu-daemon``, ``clipline worker``, ``clipline api``.
 Benchmarks: ``clipline bench NAME``.
@@ -358,63 +359,125 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
-# submit / job / wait
+# submit / job / wait (through the HTTP API, with clipline.client)
 # ---------------------------------------------------------------------------
-def _require_stack() -> Settings:
-    settings = _running_settings(Settings.from_env())
-    if settings is None:
-        raise ClipError(ErrorCode.INVALID_REQUEST, "no local stack is up: run `clipline up` first")
-    return settings
+def _api_client() -> Any:
+    """A client of the API named by CLIPLINE_API_URL/CLIPLINE_API_KEY or the running stack."""
+    from clipline.client import Client
+    from clipline.stack import read_state
+
+    url = os.environ.get("CLIPLINE_API_URL", "")
+    key = os.environ.get("CLIPLINE_API_KEY", "")
+    if not (url and key):
+        state = read_state(Settings.from_env()) or {}
+        local = state.get("api_url") or ""
+        # The local stack's key goes only to the local stack's API.
+        if not url or url.rstrip("/") == local:
+            url = url or local
+            key = key or state.get("api_key") or ""
+    if not url:
+        raise ClipError(
+            ErrorCode.INVALID_REQUEST,
+            "no API to talk to: run `clipline up`, or set CLIPLINE_API_URL and CLIPLINE_API_KEY",
+        )
+    if not key:
+        raise ClipError(ErrorCode.INVALID_REQUEST, "no API key: set CLIPLINE_API_KEY")
+    return Client(url, key)
+
+
+def _print_view(view: Any) -> None:
+    if view.result is not None:
+        r = view.result
+        print(f"highlight: {r.start_s:.2f}-{r.end_s:.2f} s (score {r.score:.3f})")
+    elif view.error is not None:
+        print(f"{view.state.value}: {view.error.code}: {view.error.message}")
+    else:
+        print(f"state:     {view.state.value}")
+    parts = [f"{k[:-2]} {v:.2f}s" for k, v in view.timings.model_dump().items() if v is not None]
+    if parts:
+        print("timings:   " + ", ".join(parts))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from workers.job import JobSpec
-    from workers.submit import submit
+    from clipline.client import ApiError
 
     try:
-        settings = _require_stack()
-        spec = JobSpec(
-            video_url=_source(args.video),
-            image_urls=[_source(i) for i in args.image],
-            title=args.title,
-            description=args.description,
-            duration_s=args.duration,
-            priority=args.priority,
-        )
-        _, store, app = _connect(settings)
-        job_id, created = submit(store, app, spec, args.idempotency_key)
-    except (ClipError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        with _api_client() as api:
+            accepted = api.submit(
+                _source(args.video),
+                [_source(i) for i in args.image],
+                title=args.title,
+                description=args.description,
+                duration_s=args.duration,
+                priority=args.priority,
+                callback_url=args.callback_url,
+                idempotency_key=args.idempotency_key,
+            )
+    except ClipError as err:
+        print(f"error: {err.message}", file=sys.stderr)
         return EXIT_USAGE
-    _emit({"job_id": job_id, "created": created}) if args.json else print(job_id)
+    except ApiError as err:
+        print(f"error: {err.code}: {err.message}", file=sys.stderr)
+        return EXIT_USAGE if 400 <= err.status < 500 else EXIT_FAILED
+    if args.json:
+        _emit(
+            {
+                "job_id": accepted.id,
+                "state": accepted.state.value,
+                "created": not accepted.replayed,
+            }
+        )
+    else:
+        print(accepted.id)
     return EXIT_OK
 
 
 def cmd_job(args: argparse.Namespace) -> int:
+    from clipline.client import ApiError
+
     try:
-        settings = _require_stack()
-        _, store, _ = _connect(settings)
-        job = store.get(args.job_id)
-        if job is None:
-            raise ClipError(ErrorCode.NOT_FOUND, f"no job {args.job_id!r}")
+        with _api_client() as api:
+            view = api.get(args.job_id)
     except ClipError as err:
         print(f"error: {err.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiError as err:
+        print(f"error: {err.code}: {err.message}", file=sys.stderr)
         return EXIT_FAILED
-    _emit({"state": job.state.value, **job.summary()})
+    _emit(view.model_dump(mode="json"))
     return EXIT_OK
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
+    from clipline.client import ApiError
+
+    start = time.monotonic()
+
+    def progress(view: Any) -> None:
+        if not args.json:
+            print(f"  [{time.monotonic() - start:6.2f} s] {view.state.value}", flush=True)
+
+    clip: Path | None = None
     try:
-        settings = _require_stack()
-        _, store, _ = _connect(settings)
-        job = _wait(store, args.job_id, args.timeout, progress=not args.json)
+        with _api_client() as api:
+            view = api.wait(args.job_id, args.timeout, on_change=progress)
+            if args.out and view.result is not None and view.result.download:
+                out_dir = Path(args.out).expanduser()
+                out_dir.mkdir(parents=True, exist_ok=True)
+                clip = api.download(view.id, out_dir)
     except ClipError as err:
         print(f"error: {err.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiError as err:
+        print(f"error: {err.code}: {err.message}", file=sys.stderr)
         return EXIT_FAILED
-    summary = job.summary()
-    _emit(summary) if args.json else _print_summary(summary)
-    return EXIT_OK if summary["status"] == "succeeded" else EXIT_FAILED
+    if args.json:
+        _emit({**view.model_dump(mode="json"), "clip": str(clip) if clip else None})
+    else:
+        _print_view(view)
+        if clip is not None:
+            print(f"clip:      {clip}")
+    return EXIT_OK if view.state.value == "succeeded" else EXIT_FAILED
 
 
 # ---------------------------------------------------------------------------
@@ -495,16 +558,18 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_down)
 
-    p = sub.add_parser("submit", help="enqueue a job on the running stack")
+    p = sub.add_parser("submit", help="enqueue a job through the API (running stack or remote)")
     _add_job_args(p)
     p.add_argument("--idempotency-key", default=None)
+    p.add_argument("--callback-url", default=None, help="URL to POST the signed outcome to")
     p.set_defaults(func=cmd_submit)
-    p = sub.add_parser("job", help="show a job")
+    p = sub.add_parser("job", help="show a job (JSON)")
     p.add_argument("job_id")
     p.set_defaults(func=cmd_job)
     p = sub.add_parser("wait", help="wait for a job to finish")
     p.add_argument("job_id")
     p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--out", default=None, help="download the clip into this directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_wait)
 

@@ -56,11 +56,22 @@ class Settings:
     models: str = "features"  # comma-separated registry names run per chunk
     backend: str = "eager"
     weights_dir: str = ""
+    model_backends: str = ""  # per-model override, e.g. "saliency:compile,embed:eager"
+    precision: str = "auto"  # auto (bf16 for non-eager backends on CUDA) | fp32 | bf16 | fp16
+    engine_cache_dir: str = ""  # compiled engines; empty: <state_dir>/engines
+    saliency_size: str = ""  # HEIGHTxWIDTH; empty: 224x384 on CUDA, 64x64 on CPU
+    saliency_anchors: int = 0  # clips per chunk; 0: 4 on CUDA, 1 on CPU
+    embed_arch: str = ""  # vit_ti16 | vit_s16 | vit_b16; empty: vit_b16 on CUDA, vit_ti16 on CPU
+    embed_size: int = 0  # input side; 0: 224 on CUDA, 112 on CPU
+    embed_heads: int = 0  # 0: width / 64
+    copywriter_max_new_tokens: int = 24
     daemon_metrics_port: int = 0  # 0: no HTTP endpoint
     result_ttl_s: int = 3600
 
     # Workers.
     worker_concurrency: int = 2
+    decode_segments: int = 2  # parallel segment readers per video (1: sequential)
+    job_lease_s: float = 30.0  # a job whose worker died is recovered about this long after
     worker_metrics_port: int = 0
     scratch_dir: str = ""  # empty: <state_dir>/scratch
     artifacts_dir: str = ""  # empty: <state_dir>/artifacts
@@ -83,6 +94,25 @@ class Settings:
     terminal_ttl_s: int = 7 * 24 * 3600
     visibility_timeout_s: int = 900
     ffmpeg: str = "ffmpeg"  # path or name; empty disables ffmpeg (OpenCV VP9 fallback)
+
+    # HTTP job API (``clipline api``).
+    api_port: int = 0  # the local stack's API port (`clipline up`); 0: a free one
+    api_workers: int = 1  # uvicorn worker processes
+    api_threads: int = 4  # threads per API process for Redis and queue calls
+    api_keys: str = ""  # comma-separated ID:SHA256HEX[:SCOPES] entries (hashed keys only)
+    api_key_file: str = ""  # file with one ID:SHA256HEX[:SCOPES] entry per line
+    api_rate_limit: float = 0.0  # requests per second per API key; 0: unlimited
+    api_rate_burst: int = 0  # requests a key may send at once; 0: max(1, rate)
+    api_max_body_bytes: int = 64 * 1024
+    api_allow_local_paths: bool = False  # accept local paths as job sources (local stack)
+    api_access_log: bool = False
+
+    # Completion callbacks (signed HTTP POSTs on a job's terminal state).
+    callback_secret: str = ""  # comma-separated: every secret signs (rotation)
+    callback_timeout_s: float = 10.0
+    callback_max_attempts: int = 10
+    callback_backoff_s: float = 2.0  # first retry delay; doubles per attempt
+    callback_backoff_max_s: float = 600.0
 
     # Local stack.
     state_dir: str = dataclasses.field(default_factory=_default_state_dir)

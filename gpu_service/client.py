@@ -1,12 +1,14 @@
 """The workers' side of the contract with the GPU daemon.
 
-A worker process holds one :class:`GpuClient`. For a job it opens a
-:class:`ChunkWriter`, which reserves shared-memory slots and lets the decoder write
-frames straight into them, publishing each full chunk of ``frames_per_chunk`` frames
-as soon as it is full (so the daemon starts on a job's first chunk while the rest is
-still decoding). Product images travel the same way as one ``refs`` chunk. Results
-come back on the job's Redis list; :meth:`GpuClient.collect` waits for exactly the
-chunks that were published, for this attempt only.
+A worker process holds one :class:`GpuClient` (create it in the process that uses it;
+its producer attaches lazily and reattaches by itself after a fork or a daemon
+restart). For a job it opens a :class:`ChunkWriter`, which reserves shared-memory
+slots and lets the decoder write frames straight into them, publishing each full chunk
+of ``frames_per_chunk`` frames as soon as it is full (so the daemon starts on a job's
+first chunk while the rest is still decoding). Product images travel the same way as
+one ``refs`` chunk. Results come back on the job's Redis list;
+:meth:`GpuClient.collect` waits for exactly the chunks that were published, for this
+attempt only.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class GpuClient:
     def frame_spec(self) -> tuple[int, int, int]:
         """(frames per chunk, height, width) the daemon expects."""
         return self.producer.frame_spec
+
+    def close(self) -> None:
+        """Give back slots still being written and detach from the arena."""
+        self.producer.close()
 
     def writer(self, job_id: str, attempt: int, priority: int, arrival: float) -> ChunkWriter:
         return ChunkWriter(self, job_id, attempt, priority, arrival)
@@ -119,20 +125,24 @@ class ChunkWriter:
         lease = self._lease
         if lease is None or self._fill == 0:
             return
-        lease.publish(
-            job_id=self.job_id,
-            shape=(self._fill, self.height, self.width, 3),
-            chunk=self.chunks,
-            priority=self.priority,
-            arrival=self.arrival,
-            attempt=self.attempt,
-            kind=ChunkKind.FRAMES,
-        )
-        self.chunks += 1
-        self.published += 1
+        fill = self._fill
         self._lease = None
         self._array = None
         self._fill = 0
+        try:
+            lease.publish(
+                job_id=self.job_id,
+                shape=(fill, self.height, self.width, 3),
+                chunk=self.chunks,
+                priority=self.priority,
+                arrival=self.arrival,
+                attempt=self.attempt,
+                kind=ChunkKind.FRAMES,
+            )
+        finally:
+            lease.abort()  # no-op once published; frees the slot if publishing failed
+        self.chunks += 1
+        self.published += 1
 
     def flush(self) -> None:
         """Publish the last, partly filled chunk."""

@@ -1,347 +1,166 @@
 """The GPU inference daemon: the one process per GPU that owns the device.
 
-The core is an :class:`Engine` in the ``schedule() -> execute(batch) -> update(outputs)``
-style:
+The work is done by :class:`gpu_service.engine.Engine` (``schedule() -> execute(batch)
+-> update(launched)``, see there), with :mod:`gpu_service.batcher` (dynamic batching),
+:mod:`gpu_service.executor` (copy/compute streams, busy time) and
+:mod:`gpu_service.publisher` (results to Redis from a thread of its own). This module is
+the thin I/O wrapper around them:
 
-``schedule``  looks at the READY descriptors in the shared-memory arena (best first by
-              priority class, request arrival, chunk) and forms a dynamic batch: up to
-              ``max_batch_size`` items of one kind and frame geometry, released early
-              once the oldest item has waited ``max_queue_delay_ms``.
-``execute``   moves the batch's uint8 frames to the device and runs every model on it.
-              On CUDA the host-to-device copy runs on a dedicated copy stream straight
-              from the page-locked arena (registered once with cudaHostRegister) and the
-              models run on a compute stream that waits on the copy's event, so the next
-              batch's copy overlaps the current batch's compute. On CPU the models read
-              the slots in place.
-``update``    releases the batch's slots (on CUDA only after the copy event completed)
-              and publishes one result per item to Redis, keyed by job and chunk.
-
-:func:`serve` is the thin I/O wrapper: wake-ups from producers, heartbeats to Redis,
-the metrics/health endpoint, and signals. SIGTERM flips the engine into draining: it
-stops waiting for more work, finishes every item already in the arena, then unlinks
-the arena and exits.
+* start-up: bound ``torch`` threads, ``cudnn.benchmark`` on CUDA, build the configured
+  models (``Settings.models``; ``features`` always runs) with the configured backend
+  (``Settings.backend``, per model ``Settings.model_backends`` = ``name=backend,...``
+  when the deployment defines it; each model's backend falls back along the chain and
+  logs what it chose), create the shared-memory arena, warm the models up (every batch
+  bucket on CUDA), then announce readiness;
+* the main thread runs the engine loop; a housekeeping thread refreshes the Redis
+  heartbeat (``constants.daemon_heartbeat_key``: device, models and their backends,
+  counters, cumulative busy seconds) and the gauges (``clipline_device_busy_ratio``,
+  and ``clipline_gpu_utilization_ratio`` from NVML on CUDA) every second; the metrics
+  endpoint (``/metrics``, ``/readyz``, ``/healthz``) runs on
+  ``Settings.daemon_metrics_port``;
+* SIGTERM (or SIGINT) starts draining: no more waiting for fuller batches, every item
+  in the arena (and every slot a producer is still writing, for a grace period) is
+  processed and published, then the arena is unlinked and the process exits 0. A second
+  signal stops after the batches in flight, leaving unprocessed items in the arena for
+  the next daemon. A device failure exits 1 and also leaves the arena for the next
+  daemon, which takes the unfinished items over.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
+import importlib
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 
 from clipline import constants
 from clipline import metrics as m
 from clipline.config import Settings
 from gpu_service import models as registry
+from gpu_service.backends import BACKENDS, buckets_up_to
+from gpu_service.batcher import BatchPolicy
+from gpu_service.engine import Engine
+from gpu_service.executor import BusyMeter, DeviceFailure, make_executor
 from gpu_service.models.base import BuildContext, Model
-from gpu_service.shm import ArenaLayout, ChunkKind, Consumer, Descriptor
-from gpu_service.wire import encode_array
+from gpu_service.publisher import RedisResultSink, ResultPublisher
+from gpu_service.shm import ArenaLayout, Consumer
 
 log = logging.getLogger("clipline.gpu")
 
-
-# ---------------------------------------------------------------------------
-# Results.
-# ---------------------------------------------------------------------------
-@dataclasses.dataclass
-class ItemResult:
-    desc: Descriptor
-    outputs: dict[str, np.ndarray]
-    trusted: dict[str, bool]
-    queue_wait_s: float
-    inference_s: float
-    error: str | None = None
-
-    def to_message(self, device: str) -> dict[str, Any]:
-        return {
-            "error": self.error,
-            "job_id": self.desc.job_id,
-            "attempt": self.desc.attempt,
-            "chunk": self.desc.chunk,
-            "kind": self.desc.kind.name.lower(),
-            "frames": int(self.desc.shape[0]),
-            "outputs": {k: encode_array(v) for k, v in self.outputs.items()},
-            "trusted": self.trusted,
-            "device": device,
-            "queue_wait_s": self.queue_wait_s,
-            "inference_s": self.inference_s,
-        }
-
-
-class ResultSink(Protocol):
-    def publish(self, results: Sequence[ItemResult]) -> None: ...
-
-
-class RedisResultSink:
-    """Pushes each item's result onto the job's results list (one pipeline per batch)."""
-
-    def __init__(self, client: Any, deployment: str, device: str, ttl_s: int) -> None:
-        self.client = client
-        self.deployment = deployment
-        self.device = device
-        self.ttl_s = ttl_s
-
-    def publish(self, results: Sequence[ItemResult]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for r in results:
-            key = constants.results_key(self.deployment, r.desc.job_id)
-            pipe.rpush(key, json.dumps(r.to_message(self.device)))
-            pipe.expire(key, self.ttl_s)
-        pipe.execute()
+#: heartbeat refresh period and time-to-live (seconds)
+HEARTBEAT_EVERY_S = 1.0
+HEARTBEAT_TTL_S = 15
+#: the loop counts as stuck (not ready) after this long without a turn
+LOOP_STALL_S = 120.0
+# A loop that has not turned for this long is stuck: fail liveness so it is restarted.
+LIVE_STALL_S = 300.0
+#: batches in flight on CUDA (copy of N+1 overlaps compute of N)
+CUDA_PIPELINE_DEPTH = 2
 
 
 # ---------------------------------------------------------------------------
-# Device busy accounting.
+# Start-up helpers.
 # ---------------------------------------------------------------------------
-class BusyMeter:
-    """Fraction of wall time the device executed work over a sliding window."""
-
-    def __init__(self, window_s: float = 10.0) -> None:
-        self.window_s = window_s
-        self._spans: deque[tuple[float, float]] = deque()
-        self._started = time.monotonic()
-
-    def add(self, start: float, end: float) -> None:
-        self._spans.append((start, end))
-
-    def ratio(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        lo = max(now - self.window_s, self._started)
-        while self._spans and self._spans[0][1] < lo:
-            self._spans.popleft()
-        busy = sum(max(0.0, min(e, now) - max(s, lo)) for s, e in self._spans)
-        wall = now - lo
-        return min(1.0, busy / wall) if wall > 0 else 0.0
-
-
-# ---------------------------------------------------------------------------
-# The engine.
-# ---------------------------------------------------------------------------
-@dataclasses.dataclass
-class Batch:
-    items: list[Descriptor]
-    kind: ChunkKind
-    frames: int  # padded T
-    taken_at: float
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-@dataclasses.dataclass
-class Executed:
-    batch: Batch
-    outputs: list[dict[str, np.ndarray]]
-    inference_s: float
-    copy_done: Callable[[], None]
-
-
 def resolve_device(name: str) -> torch.device:
+    """``auto``/``cpu``/``cuda``/``cuda:N`` as a torch device (CUDA with its index)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
-class Engine:
-    """Batches descriptors from the arena and runs the models on them."""
+def configure_torch(settings: Settings, device: torch.device) -> int:
+    """Bound torch's CPU threads; enable cuDNN autotuning on CUDA. Returns the thread count."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    threads = settings.torch_threads or min(4, cores)
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        # Batches are padded to a few bucket sizes, so autotuning sees few shapes.
+        torch.backends.cudnn.benchmark = True
+    return threads
 
-    def __init__(
-        self,
-        settings: Settings,
-        consumer: Consumer,
-        models: Sequence[Model],
-        sink: ResultSink,
-        device: torch.device,
-    ) -> None:
-        self.settings = settings
-        self.consumer = consumer
-        self.models = list(models)
-        self.sink = sink
-        self.device = device
-        self.max_batch = max(1, settings.max_batch_size)
-        self.max_delay_s = settings.max_queue_delay_ms / 1000.0
-        self.busy = BusyMeter()
-        self.items_done = 0
-        self.batches_done = 0
-        self.draining = False
-        self._cuda = device.type == "cuda"
-        if self._cuda:
-            self.copy_stream = torch.cuda.Stream(device)
-            self.compute_stream = torch.cuda.Stream(device)
-            self._register_arena()
 
-    # -- CUDA helpers ----------------------------------------------------------
-    def _register_arena(self) -> None:
-        """Page-lock the arena once so H2D copies are async DMA from the slots."""
-        addr, length = self.consumer.arena.base_address()
-        err = torch.cuda.cudart().cudaHostRegister(addr, length, 0)
-        code = int(err.value) if hasattr(err, "value") else int(err)
-        self._registered = addr if code == 0 else None
-        if code != 0:
-            log.warning("cudaHostRegister failed (%s): copies will be synchronous", code)
-
-    def _unregister_arena(self) -> None:
-        if self._cuda and getattr(self, "_registered", None):
-            torch.cuda.cudart().cudaHostUnregister(self._registered)
-            self._registered = None
-
-    # -- schedule ----------------------------------------------------------------
-    def schedule(self, *, force: bool = False) -> Batch | None:
-        """Form the next batch, or None if it is better to wait for more items."""
-        ready = self.consumer.peek_ready()
-        if not ready:
-            return None
-        now = time.monotonic()
-        oldest = min(d.published_at for d in ready)
-        if not force and len(ready) < self.max_batch and now - oldest < self.max_delay_s:
-            return None
-        head = ready[0]
-        geometry = head.shape[1:]
-        chosen = [d for d in ready if d.kind == head.kind and d.shape[1:] == geometry]
-        taken = self.consumer.take(chosen[: self.max_batch])
-        if not taken:
-            return None
-        frames = max(d.shape[0] for d in taken)
-        return Batch(items=taken, kind=head.kind, frames=frames, taken_at=now)
-
-    def time_to_deadline(self) -> float:
-        """Seconds until the oldest READY item's delay bound expires (0 if due)."""
-        ready = self.consumer.peek_ready()
-        if not ready:
-            return self.max_delay_s
-        oldest = min(d.published_at for d in ready)
-        return max(0.0, oldest + self.max_delay_s - time.monotonic())
-
-    # -- execute -------------------------------------------------------------------
-    def _models_for(self, kind: ChunkKind) -> list[Model]:
-        if kind == ChunkKind.FRAMES:
-            return self.models
-        return [mdl for mdl in self.models if not mdl.temporal]
-
-    def _gather(self, batch: Batch) -> tuple[torch.Tensor, Callable[[], None]]:
-        """The batch's frames as one uint8 ``[B, T, H, W, C]`` tensor on the device."""
-        views = [torch.from_numpy(self.consumer.array(d)) for d in batch.items]
-        shape = (len(views), batch.frames, *views[0].shape[1:])
-        if not self._cuda:
-            if all(v.shape[0] == batch.frames for v in views):
-                return torch.stack(views), lambda: None
-            out = torch.zeros(shape, dtype=torch.uint8)
-            for i, v in enumerate(views):
-                out[i, : v.shape[0]] = v
-            return out, lambda: None
-        with torch.cuda.stream(self.copy_stream):
-            out = torch.zeros(shape, dtype=torch.uint8, device=self.device)
-            for i, v in enumerate(views):
-                out[i, : v.shape[0]].copy_(v, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.copy_stream)
-        self.compute_stream.wait_event(event)
-        out.record_stream(self.compute_stream)
-        return out, event.synchronize
-
-    def execute(self, batch: Batch) -> Executed:
-        frames, copy_done = self._gather(batch)
-        outputs: list[dict[str, np.ndarray]] = [{} for _ in batch.items]
-        start = time.monotonic()
-        if self._cuda:
-            ev0 = torch.cuda.Event(enable_timing=True)
-            ev1 = torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(self.compute_stream):
-                ev0.record()
-                per_model = [(mdl, mdl(frames)) for mdl in self._models_for(batch.kind)]
-                ev1.record()
-            ev1.synchronize()
-            device_s = ev0.elapsed_time(ev1) / 1000.0
-            end = time.monotonic()
-            self.busy.add(end - device_s, end)
-        else:
-            with torch.inference_mode():
-                per_model = [(mdl, mdl(frames)) for mdl in self._models_for(batch.kind)]
-            end = time.monotonic()
-            self.busy.add(start, end)
-        elapsed = end - start
-        for mdl, out in per_model:
-            m.INFERENCE_SECONDS.labels(mdl.name, mdl.backend).observe(elapsed)
-            m.BATCH_SIZE.labels(mdl.name, mdl.backend).observe(len(batch))
-            m.ITEMS_PROCESSED.labels(mdl.name, mdl.backend).inc(len(batch))
-            host = {k: v.detach().float().cpu().numpy() for k, v in out.items()}
-            for i, d in enumerate(batch.items):
-                t = d.shape[0]
-                for k, v in host.items():
-                    outputs[i][f"{mdl.name}.{k}"] = v[i, :t]
-        return Executed(batch=batch, outputs=outputs, inference_s=elapsed, copy_done=copy_done)
-
-    # -- update ----------------------------------------------------------------------
-    def update(self, done: Executed) -> list[ItemResult]:
-        done.copy_done()
-        trusted = {mdl.name: mdl.trusted for mdl in self._models_for(done.batch.kind)}
-        results = []
-        for d, out in zip(done.batch.items, done.outputs, strict=True):
-            self.consumer.release(d)
-            wait = max(0.0, done.batch.taken_at - d.published_at)
-            m.QUEUE_WAIT.observe(wait)
-            results.append(
-                ItemResult(
-                    desc=d,
-                    outputs=out,
-                    trusted=trusted,
-                    queue_wait_s=wait,
-                    inference_s=done.inference_s,
-                )
+def model_backends(settings: Settings) -> dict[str, str]:
+    """Per-model backend overrides from ``model_backends`` (``name=backend,...``)."""
+    raw = settings.model_backends
+    out: dict[str, str] = {}
+    for part in raw.split(","):
+        if not part.strip():
+            continue
+        name, sep, backend = part.partition("=")
+        name, backend = name.strip(), backend.strip()
+        if not sep or not name or backend not in BACKENDS:
+            raise ValueError(
+                f"invalid model_backends entry {part.strip()!r}: use name=backend with "
+                f"backend one of {', '.join(BACKENDS)}"
             )
-        self.sink.publish(results)
-        self.items_done += len(results)
-        self.batches_done += 1
-        return results
-
-    def step(self, *, force: bool = False) -> int:
-        """One schedule/execute/update round; returns the number of items processed."""
-        batch = self.schedule(force=force)
-        if batch is None:
-            return 0
-        try:
-            executed = self.execute(batch)
-        except Exception as exc:
-            # A batch that cannot run must not wedge the queue: answer every item
-            # with the error so its job fails with a reason, and free the slots.
-            log.exception("batch of %d items failed", len(batch))
-            if self._cuda:
-                torch.cuda.synchronize(self.device)
-            failed = []
-            for d in batch.items:
-                self.consumer.release(d)
-                failed.append(ItemResult(d, {}, {}, 0.0, 0.0, error=f"{type(exc).__name__}: {exc}"))
-            self.sink.publish(failed)
-            return len(failed)
-        return len(self.update(executed))
-
-    def close(self) -> None:
-        self._unregister_arena()
+        out[name] = backend
+    return out
 
 
-# ---------------------------------------------------------------------------
-# The I/O wrapper.
-# ---------------------------------------------------------------------------
-def build_models(settings: Settings, device: torch.device) -> list[Model]:
-    ctx = BuildContext(settings=settings, device=device)
+def model_names(settings: Settings) -> list[str]:
     names = [n.strip() for n in settings.models.split(",") if n.strip()]
     if "features" not in names:
         names.insert(0, "features")
-    return [registry.build(n, ctx) for n in names]
+    return list(dict.fromkeys(names))
+
+
+def _build_one(name: str, settings: Settings, device: torch.device) -> Model:
+    if name not in registry.available():
+        # Models register themselves on import; load gpu_service.models.<name> if needed.
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(f"gpu_service.models.{name}")
+    return registry.build(name, BuildContext(settings=settings, device=device))
+
+
+def build_models(settings: Settings, device: torch.device) -> list[Model]:
+    """Build every configured model with its backend (falling back to eager if it fails)."""
+    overrides = model_backends(settings)
+    names = model_names(settings)
+    for unknown in sorted(set(overrides) - set(names)):
+        log.warning("model_backends names %r, which is not in models=%s", unknown, names)
+    built: list[Model] = []
+    for name in names:
+        requested = overrides.get(name, settings.backend)
+        own = settings if requested == settings.backend else settings.replace(backend=requested)
+        try:
+            model = _build_one(name, own, device)
+        except KeyError:
+            raise
+        except Exception:
+            if requested == "eager":
+                raise
+            log.exception("model %s failed to build with backend %s; using eager", name, requested)
+            model = _build_one(name, settings.replace(backend="eager"), device)
+        log.info(
+            "model %s: backend %s (requested %s), %s, %s",
+            model.name,
+            model.backend,
+            requested,
+            model.precision,
+            "trusted" if model.trusted else "untrusted (no weights)",
+        )
+        built.append(model)
+    return built
 
 
 def layout_from(settings: Settings) -> ArenaLayout:
@@ -354,20 +173,46 @@ def layout_from(settings: Settings) -> ArenaLayout:
     )
 
 
-class Daemon:
-    """Runs an Engine until told to stop; owns signals, heartbeats and metrics I/O."""
+def policy_from(settings: Settings) -> BatchPolicy:
+    return BatchPolicy(
+        max_batch=max(1, settings.max_batch_size),
+        max_delay_s=max(0.0, settings.max_queue_delay_ms) / 1000.0,
+    )
 
-    def __init__(self, settings: Settings, redis_client: Any | None = None) -> None:
+
+# ---------------------------------------------------------------------------
+# The daemon.
+# ---------------------------------------------------------------------------
+class Daemon:
+    """Owns the device, the arena, the engine and the daemon's I/O."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_client: Any | None = None,
+        models: list[Model] | None = None,
+    ) -> None:
         import redis
 
         self.settings = settings
         self.device = resolve_device(settings.device)
-        threads = settings.torch_threads or min(4, os.cpu_count() or 1)
-        torch.set_num_threads(threads)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        self.threads = configure_torch(settings, self.device)
         self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
-        self.models = build_models(settings, self.device)
+        self._hb_key = constants.daemon_heartbeat_key(settings.deployment, settings.node_name)
+        self._stop = threading.Event()
+        self._ready = False
+        self._tick = time.monotonic()
+        self._http: Any = None
+        self._nvml: Any = None
+        self._housekeeper: threading.Thread | None = None
+        self.exit_code = 0
+        self._fatal = False
+        if settings.daemon_metrics_port:
+            from clipline import httpserve
+
+            self._http = httpserve.serve(settings.daemon_metrics_port, self.ready, live=self.live)
+        self.models = models if models is not None else build_models(settings, self.device)
+        self.policy = policy_from(settings)
         self.consumer = Consumer(
             settings.arena_path,
             settings.socket_path,
@@ -375,49 +220,119 @@ class Daemon:
             settings.deployment,
             starvation_age_s=settings.shm_starvation_age_s,
         )
-        if self.consumer.arena.recovered:
-            log.info(
-                "recovered %d in-flight slots from a previous daemon", self.consumer.arena.recovered
+        try:
+            if self.consumer.arena.recovered:
+                log.info(
+                    "took over %d in-flight slots from a previous daemon",
+                    self.consumer.arena.recovered,
+                )
+            self.busy = BusyMeter()
+            depth = CUDA_PIPELINE_DEPTH if self.device.type == "cuda" else 1
+            self.executor = make_executor(
+                self.device,
+                self.models,
+                self.policy,
+                self.consumer.arena.layout.slot_stride,
+                self.busy,
+                depth=depth,
+                host_region=self.consumer.arena.base_address(),
             )
-        sink = RedisResultSink(
-            self.redis, settings.deployment, self.device.type, settings.result_ttl_s
-        )
-        self.engine = Engine(settings, self.consumer, self.models, sink, self.device)
-        self.stop = threading.Event()
-        self._hb_key = constants.daemon_heartbeat_key(settings.deployment, settings.node_name)
-        self._http: Any = None
-        self._nvml: Any = None
+            self.publisher = ResultPublisher(
+                RedisResultSink(self.redis, settings.deployment, settings.result_ttl_s),
+                self.device.type,
+            )
+            self.engine = Engine(
+                self.consumer,
+                self.models,
+                self.executor,
+                self.publisher,
+                self.policy,
+                depth=depth,
+            )
+        except BaseException:
+            self.consumer.close(unlink=True)
+            raise
+        self.warmup_s = 0.0
 
+    # -- state ------------------------------------------------------------------------
     def ready(self) -> bool:
-        return not self.stop.is_set()
+        """Readiness: warmed up, not draining or stopping, and the loop is turning."""
+        return (
+            self._ready
+            and not self.engine.draining
+            and not self._stop.is_set()
+            and time.monotonic() - self._tick < LOOP_STALL_S
+        )
+
+    def live(self) -> bool:
+        """Liveness: no fatal error, and once warmed up the loop has turned recently."""
+        if self._fatal:
+            return False
+        return not self._ready or time.monotonic() - self._tick < LIVE_STALL_S
 
     def request_drain(self, *_: object) -> None:
-        if not self.engine.draining:
-            log.info("draining: finishing the work in the arena, then exiting")
-        self.engine.draining = True
+        """First SIGTERM/SIGINT: finish everything in the arena, then exit."""
+        if self.engine.draining:
+            log.info("second stop request: stopping after the batches in flight")
+            self._stop.set()
+            return
+        log.info("draining: finishing the work in the arena, then exiting")
+        self.engine.start_draining()
 
-    def _heartbeat(self) -> None:
-        info: dict[Any, Any] = {
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def status(self) -> dict[str, str | int | float]:
+        """The heartbeat's fields (also what ``clipline status`` shows)."""
+        now = time.monotonic()
+        info: dict[str, str | int | float] = {
             "pid": os.getpid(),
             "device": str(self.device),
             "models": ",".join(f"{x.name}:{x.backend}:{int(x.trusted)}" for x in self.models),
             "arena": str(self.settings.arena_path),
             "host": socket.gethostname(),
+            "threads": self.threads,
+            "max_batch": self.policy.max_batch,
             "items": self.engine.items_done,
+            "batches": self.engine.batches_done,
+            "rejected": self.engine.rejected,
+            "published": self.publisher.published,
+            "errors": self.publisher.errors,
+            "busy_s": round(self.busy.total(now), 6),
+            "busy_ratio": round(self.busy.ratio(now), 4),
+            "ts": round(now, 6),
+            "warmup_s": round(self.warmup_s, 3),
             "draining": int(self.engine.draining),
+            "ready": int(self.ready()),
         }
+        if self.device.type == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(self.device)
+            info["registered"] = int(getattr(self.executor, "registered", False))
+        return info
+
+    # -- housekeeping thread ------------------------------------------------------------
+    def _heartbeat(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self._hb_key, mapping=info)
-        pipe.expire(self._hb_key, 15)
+        fields: dict[Any, Any] = dict(self.status())
+        pipe.hset(self._hb_key, mapping=fields)
+        pipe.expire(self._hb_key, HEARTBEAT_TTL_S)
         pipe.execute()
 
     def _update_gauges(self) -> None:
         node = self.settings.node_name
-        m.DEVICE_BUSY.labels(node).set(self.engine.busy.ratio())
+        m.DEVICE_BUSY.labels(node).set(self.busy.ratio())
         if self._nvml is not None:
             with contextlib.suppress(Exception):
                 util = self._nvml[0].nvmlDeviceGetUtilizationRates(self._nvml[1])
                 m.GPU_UTILIZATION.labels(node).set(util.gpu / 100.0)
+
+    def _housekeeping(self) -> None:
+        while not self._stop.wait(HEARTBEAT_EVERY_S):
+            self._update_gauges()
+            try:
+                self._heartbeat()
+            except Exception as exc:  # Redis hiccup: the next beat retries
+                log.warning("heartbeat failed: %s", exc)
 
     def _init_nvml(self) -> None:
         if self.device.type != "cuda":
@@ -429,61 +344,114 @@ class Daemon:
             index = (
                 self.device.index if self.device.index is not None else torch.cuda.current_device()
             )
-            self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+            handle = None
+            uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+            if uuid is not None:  # robust to CUDA_VISIBLE_DEVICES renumbering
+                text = str(uuid)
+                text = text if text.startswith("GPU-") else f"GPU-{text}"
+                with contextlib.suppress(Exception):
+                    handle = pynvml.nvmlDeviceGetHandleByUUID(text)
+            if handle is None:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml = (pynvml, handle)
         except Exception as exc:  # NVML is optional (e.g. missing driver library)
             log.warning(
                 "NVML unavailable, %s not exported: %s", constants.Metric.GPU_UTILIZATION_RATIO, exc
             )
 
-    def run(self) -> None:
-        from clipline import httpserve
-
-        if self.settings.daemon_metrics_port:
-            self._http = httpserve.serve(self.settings.daemon_metrics_port, self.ready)
-        self._init_nvml()
-        log.info(
-            "GPU daemon ready: device=%s models=%s arena=%s (%d slots x %d B)",
-            self.device,
-            ",".join(
-                f"{x.name}[{x.backend}{'' if x.trusted else ', untrusted'}]" for x in self.models
-            ),
-            self.settings.arena_path,
-            self.consumer.arena.layout.n_slots,
-            self.consumer.arena.layout.slot_stride,
-        )
-        last_periodic = 0.0
-        engine = self.engine
+    # -- run ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Warm up, serve until drained or stopped; return the process exit code."""
         try:
-            while not self.stop.is_set():
-                now = time.monotonic()
-                if now - last_periodic >= 1.0:
-                    last_periodic = now
-                    self.consumer.reclaim_dead()
-                    self._update_gauges()
-                    with contextlib.suppress(Exception):
-                        self._heartbeat()
-                processed = engine.step(force=engine.draining)
-                if processed:
-                    continue
-                if engine.draining:
-                    if self.consumer.ready_count() == 0:
-                        break
-                    continue
-                pending = self.consumer.ready_count()
-                timeout = engine.time_to_deadline() if pending else 0.25
-                self.consumer.wait(timeout)
+            lay = self.consumer.arena.layout
+            sizes = buckets_up_to(self.policy.max_batch) if self.device.type == "cuda" else (1,)
+            self.warmup_s = self.engine.warmup(
+                lay.frames_per_chunk, lay.frame_height, lay.frame_width, sizes
+            )
+            self._init_nvml()
+            self.publisher.start()
+            self._tick = time.monotonic()
+            self._ready = True
+            self._heartbeat()
+            self._housekeeper = threading.Thread(
+                target=self._housekeeping, name="housekeeping", daemon=True
+            )
+            self._housekeeper.start()
+            log.info(
+                "GPU daemon ready: device=%s models=%s batch<=%d delay=%.1fms arena=%s "
+                "(%d slots x %d B) warm-up %.1fs",
+                self.device,
+                ",".join(
+                    f"{x.name}[{x.backend}{'' if x.trusted else ', untrusted'}]"
+                    for x in self.models
+                ),
+                self.policy.max_batch,
+                self.policy.max_delay_s * 1000,
+                self.settings.arena_path,
+                lay.n_slots,
+                lay.slot_stride,
+                self.warmup_s,
+            )
+            self._loop()
+            self.engine.finish_inflight()
+        except DeviceFailure:
+            log.critical(
+                "device failure; exiting, the next daemon takes the work over", exc_info=True
+            )
+            self.exit_code = 1
+            self._fatal = True
+        except Exception:
+            log.critical("the engine loop failed", exc_info=True)
+            self.exit_code = 1
         finally:
             self.shutdown()
+        return self.exit_code
+
+    def _loop(self) -> None:
+        engine = self.engine
+        next_reclaim = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self._tick = now
+            if now >= next_reclaim:
+                next_reclaim = now + 1.0
+                self.consumer.reclaim_dead()
+            if engine.run_once():
+                continue
+            if engine.draining and engine.drained():
+                break
+            engine.wait_for_work()
 
     def shutdown(self) -> None:
-        self.stop.set()
+        """Publish what is left, stop the threads, remove the heartbeat, close the arena."""
+        self._ready = False
+        self._stop.set()
+        if self._housekeeper is not None:
+            self._housekeeper.join(5.0)
+        self.publisher.close()
         with contextlib.suppress(Exception):
             self.redis.delete(self._hb_key)
-        self.engine.close()
-        self.consumer.close(unlink=True)
+        with contextlib.suppress(Exception):
+            self.engine.close()
+        states = self.consumer.arena.states()
+        leftover = states["ready"] + states["consuming"] + states["writing"]
+        if leftover:
+            log.warning("leaving %d unfinished slots in the arena for the next daemon", leftover)
+        if not self._fatal:
+            # Unlink only a clean, empty arena; unfinished items stay for the next daemon.
+            self.consumer.close(unlink=self.exit_code == 0 and leftover == 0)
+        # After a device failure the slots we hold stay CONSUMING: the next daemon
+        # recovers them and counts it, so a chunk that keeps killing daemons is rejected.
         if self._http is not None:
             self._http.shutdown()
-        log.info("GPU daemon stopped after %d items", self.engine.items_done)
+            self._http.server_close()
+        log.info(
+            "GPU daemon stopped after %d items in %d batches (%d published, %d dropped)",
+            self.engine.items_done,
+            self.engine.batches_done,
+            self.publisher.published,
+            self.publisher.dropped,
+        )
 
 
 def main(settings: Settings | None = None) -> int:
@@ -495,5 +463,4 @@ def main(settings: Settings | None = None) -> int:
     daemon = Daemon(settings)
     signal.signal(signal.SIGTERM, daemon.request_drain)
     signal.signal(signal.SIGINT, daemon.request_drain)
-    daemon.run()
-    return 0
+    return daemon.run()

@@ -10,7 +10,9 @@ refused unless configuration allows it (``CLIPLINE_ALLOW_LOOPBACK``,
 so a DNS answer cannot change between the check and the request.
 
 Content is sniffed from its first bytes: a video must be a known container (a renamed
-text file is ``not_a_video``), an image a known image format.
+text file is ``not_a_video``), an image a known image format. A product image must
+also decode, and its header may not announce more than :data:`MAX_IMAGE_PIXELS`
+pixels (a small compressed file can expand to gigabytes): ``too_large``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -102,7 +105,7 @@ def check_address(
         return "a link-local address"
     if ip.is_multicast or ip.is_unspecified or ip.is_reserved:
         return "a reserved address"
-    if ip.is_private:
+    if ip.is_private or not ip.is_global:
         return None if settings.allow_private_networks else "a private-network address"
     return None
 
@@ -143,6 +146,25 @@ def check_url(url: str, settings: Settings) -> str:
     return resolve_checked(parsed.hostname, port, settings)
 
 
+def pinned(url: str, settings: Settings) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """Check ``url`` (SSRF rules) and aim it at the checked address.
+
+    Returns the URL to request (host replaced by the checked IP address), the headers
+    that keep the original ``Host``, and the httpx extensions that keep the original
+    name for TLS (SNI and certificate checks).
+    """
+    address = check_url(url, settings)
+    parsed = urllib.parse.urlparse(url)
+    host = f"[{address}]" if ":" in address else address
+    netloc = host + (f":{parsed.port}" if parsed.port else "")
+    target = urllib.parse.urlunparse(parsed._replace(netloc=netloc))
+    headers = {"Host": parsed.netloc.rsplit("@", 1)[-1]}
+    extensions: dict[str, Any] = (
+        {"sni_hostname": parsed.hostname} if parsed.scheme == "https" else {}
+    )
+    return target, headers, extensions
+
+
 def _copy_local(path: Path, dest: Path, settings: Settings, cap: int, what: str) -> Path:
     try:
         resolved = path.resolve(strict=True)
@@ -175,13 +197,12 @@ _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
 def _download(url: str, dest: Path, settings: Settings, cap: int, what: str) -> Path:
-    parsed = urllib.parse.urlparse(url)
     attempts = max(1, settings.fetch_retries + 1)
     last: ClipError | None = None
     for attempt in range(attempts):
-        address = check_url(url, settings)
+        target, headers, extensions = pinned(url, settings)
         try:
-            _stream(url, parsed, address, dest, settings, cap, what)
+            _stream(target, headers, extensions, dest, settings, cap, what)
             return dest
         except ClipError as exc:
             if not exc.transient:
@@ -194,21 +215,15 @@ def _download(url: str, dest: Path, settings: Settings, cap: int, what: str) -> 
 
 
 def _stream(
-    url: str,
-    parsed: urllib.parse.ParseResult,
-    address: str,
+    target: str,
+    headers: dict[str, str],
+    extensions: dict[str, Any],
     dest: Path,
     settings: Settings,
     cap: int,
     what: str,
 ) -> None:
     timeout = httpx.Timeout(settings.fetch_read_timeout_s, connect=settings.fetch_connect_timeout_s)
-    # Connect to the checked address; keep the original host for Host/SNI.
-    host = f"[{address}]" if ":" in address else address
-    netloc = host + (f":{parsed.port}" if parsed.port else "")
-    target = urllib.parse.urlunparse(parsed._replace(netloc=netloc))
-    headers = {"Host": parsed.netloc.rsplit("@", 1)[-1]}
-    extensions = {"sni_hostname": parsed.hostname} if parsed.scheme == "https" else {}
     try:
         with (
             httpx.Client(timeout=timeout, follow_redirects=False) as client,
@@ -294,14 +309,84 @@ def fetch_video(source: str, scratch: Path, settings: Settings) -> tuple[Path, s
     )
 
 
+#: Largest product image accepted, in pixels (a small file can decode to gigabytes).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image's header (JPEG, PNG, GIF, BMP, WebP), or None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    if data[:2] == b"BM" and len(data) >= 26:
+        w = int.from_bytes(data[18:22], "little", signed=True)
+        h = int.from_bytes(data[22:26], "little", signed=True)
+        return abs(w), abs(h)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8X":
+            w = int.from_bytes(data[24:27], "little") + 1
+            h = int.from_bytes(data[27:30], "little") + 1
+            return w, h
+        if chunk == b"VP8L":
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if chunk == b"VP8 ":
+            return (
+                int.from_bytes(data[26:28], "little") & 0x3FFF,
+                int.from_bytes(data[28:30], "little") & 0x3FFF,
+            )
+        return None
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 1 if marker == 0xFF else 2
+                continue
+            length = int.from_bytes(data[i + 2 : i + 4], "big")
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD):
+                h = int.from_bytes(data[i + 5 : i + 7], "big")
+                w = int.from_bytes(data[i + 7 : i + 9], "big")
+                return w, h
+            i += 2 + length
+    return None
+
+
+def check_image(path: Path, what: str) -> tuple[int, int]:
+    """Refuse decompression bombs, then decode the image once: (width, height)."""
+    import cv2
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 18)
+    size = image_size(head)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ClipError(
+            ErrorCode.TOO_LARGE,
+            f"{what} is {size[0]}x{size[1]} pixels; the limit is {MAX_IMAGE_PIXELS} pixels",
+        )
+    img = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_REDUCED_COLOR_4)
+    if img is None or img.size == 0:
+        raise ClipError(ErrorCode.NOT_AN_IMAGE, f"{what} could not be decoded as an image")
+    return size or (img.shape[1] * 4, img.shape[0] * 4)
+
+
 def fetch_image(source: str, scratch: Path, index: int, settings: Settings) -> Path:
+    """Fetch a product image; it must be an image that decodes and is not a bomb."""
+    what = f"product image {index + 1}"
     path, _ = fetch_to(
         source,
         scratch / f"image-{index}",
         settings,
         cap=settings.max_image_bytes,
-        what=f"product image {index + 1}",
+        what=what,
         sniff=sniff_image,
         bad_code=ErrorCode.NOT_AN_IMAGE,
     )
+    check_image(path, what)
     return path

@@ -88,6 +88,9 @@ class Highlight(BaseModel):
     path: str | None = None
     url: str | None = None
     caption: str | None = None
+    codec: str | None = None
+    audio: bool | None = None
+    frames: int | None = None
 
 
 class Job(BaseModel):

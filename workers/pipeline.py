@@ -1,10 +1,16 @@
 """One job, start to finish, on a CPU worker: fetch -> decode -> infer -> select -> render.
 
-:func:`run_job` is what the Celery task calls. It claims the job under a lease (so a
-duplicate delivery does nothing), runs each stage as a function of its own (timed into
+:meth:`JobRunner.run` is what the Celery task calls. It claims the job under a lease
+(so a duplicate delivery does nothing, and a delivery whose previous holder died on
+this host takes over at once), runs each stage as a function of its own (timed into
 ``clipline_stage_seconds``), advances the job's state between stages, and always
-removes its scratch directory. It returns an :class:`Outcome` telling the task
-whether to acknowledge, or to retry later (a transient error with attempts left).
+removes its scratch directory (a directory left by a killed process is removed by the
+worker's housekeeping, :mod:`workers.monitor`). It returns an :class:`Outcome` telling
+the task whether to acknowledge, or to retry later (a transient error with attempts
+left). The soft time limit ends the job with ``timeout``.
+
+The clip goes to the local artifact directory, or, when the job carries an
+``upload_url``, to that presigned URL (:mod:`workers.upload`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import dataclasses
 import enum
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -22,17 +29,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from clipline import metrics as m
 from clipline.config import Settings
 from clipline.constants import PriorityClass
 from clipline.errors import ClipError, ErrorCode
 from gpu_service.client import GpuClient
-from workers import decode, fetch, render, select
+from workers import callbacks, decode, fetch, preprocess, render, select, upload
 from workers.job import ACTIVE, JobSpec, JobState
-from workers.store import JobStore
+from workers.store import JobStore, holder_identity, holder_is_dead
 
 log = logging.getLogger("clipline.worker")
-LEASE_S = 30.0
+
+
+def lease_seconds(settings: Settings) -> float:
+    """How long a job's lease lasts without renewal (renewed every third of it).
+
+    ``Settings.job_lease_s``: a job whose worker died is recovered about this long after.
+    """
+    return max(1.0, settings.job_lease_s)
 
 
 class Outcome(enum.StrEnum):
@@ -52,16 +68,16 @@ class Result:
 class _Lease:
     """Keeps the job's lease alive from a background thread while a stage runs."""
 
-    def __init__(self, store: JobStore, job_id: str, token: str) -> None:
-        self.store, self.job_id, self.token = store, job_id, token
+    def __init__(self, store: JobStore, job_id: str, token: str, lease_s: float) -> None:
+        self.store, self.job_id, self.token, self.lease_s = store, job_id, token, lease_s
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(LEASE_S / 3):
+        while not self._stop.wait(self.lease_s / 3):
             try:
-                if not self.store.renew(self.job_id, self.token, LEASE_S):
+                if not self.store.renew(self.job_id, self.token, self.lease_s):
                     self.lost.set()
                     return
             except Exception:  # Redis hiccup: try again next period
@@ -73,6 +89,14 @@ class _Lease:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+
+
+def timeout_error(limit_s: float) -> ClipError:
+    """The error of a job stopped by its time limit."""
+    within = f" of {limit_s:.0f} s" if limit_s else ""
+    return ClipError(
+        ErrorCode.TIMEOUT, f"the job did not finish within the time limit{within}", transient=False
+    )
 
 
 class Cancelled(Exception):
@@ -99,11 +123,24 @@ class JobRunner:
         self.store = JobStore(redis_client, settings.deployment, settings.terminal_ttl_s)
         self.gpu = GpuClient(settings, redis_client)
 
-    def run(self, job_id: str) -> Result:
+    def run(self, job_id: str, soft_limit_s: float | None = None) -> Result:
+        """Run (or skip) one delivery of ``job_id``; ``soft_limit_s`` is for messages."""
         token = uuid.uuid4().hex
+        holder = holder_identity()
+        max_attempts = self.settings.max_attempts
+        lease_s = lease_seconds(self.settings)
         status, state, attempt = self.store.claim(
-            job_id, token, LEASE_S, self.settings.max_attempts
+            job_id, token, lease_s, max_attempts, holder=holder
         )
+        if status == 0 and state in {s.value for s in ACTIVE}:
+            # Redelivered while leased: take over only if the holder died on this host.
+            stale, owner = self.store.lease_holder(job_id)
+            if stale and owner and holder_is_dead(owner):
+                status, state, attempt = self.store.claim(
+                    job_id, token, lease_s, max_attempts, steal=stale, holder=holder
+                )
+                if status == 1:
+                    log.warning("job %s: took over from a dead worker (%s)", job_id, owner)
         if status == 0:
             log.info("job %s not claimable (state %s): skipping", job_id, state or "missing")
             return Result(Outcome.SKIPPED)
@@ -115,15 +152,20 @@ class JobRunner:
             return Result(Outcome.FAILED, err, attempt)
         job = self.store.get(job_id)
         assert job is not None
-        scratch = self.settings.scratch_path / f"{job_id}-{attempt}"
+        scratch = self.settings.scratch_path / f"{job_id}-{attempt}-{os.getpid()}"
         m.JOBS_IN_FLIGHT.inc()
         try:
-            with _Lease(self.store, job_id, token) as lease:
+            scratch.mkdir(parents=True, exist_ok=True)
+            (scratch / "owner").write_text(holder)
+            with _Lease(self.store, job_id, token, lease_s) as lease:
                 self._process(job_id, job.spec, job.created_at, token, attempt, scratch, lease)
             return Result(Outcome.SUCCEEDED, attempt=attempt)
         except Cancelled:
             log.info("job %s was cancelled or taken over during attempt %d", job_id, attempt)
             return Result(Outcome.SKIPPED, attempt=attempt)
+        except SoftTimeLimitExceeded:
+            err = timeout_error(soft_limit_s or self.settings.job_soft_time_limit_s)
+            return self._handle_error(job_id, token, attempt, err)
         except ClipError as err:
             return self._handle_error(job_id, token, attempt, err)
         except Exception as exc:  # a bug: fail the job with a reason, never lose it
@@ -154,7 +196,6 @@ class JobRunner:
         timings: dict[str, float] = {}
         job = self.store.raw(job_id)
         timings["queued"] = round(float(job.get("started_at", created_at)) - created_at, 6)
-        scratch.mkdir(parents=True, exist_ok=True)
 
         with stage("fetch", timings):
             video_path, _container = fetch.fetch_video(spec.video_url, scratch, self.settings)
@@ -165,7 +206,9 @@ class JobRunner:
         self._advance(job_id, JobState.DECODING, token, timings=timings)
 
         priority = PriorityClass(spec.priority).rank
-        writer = self.gpu.writer(job_id, attempt, priority, created_at)
+        sink = preprocess.SlotSink(
+            self.gpu.producer, job_id, preprocess.generation(attempt), priority, created_at
+        )
         infer_start = 0.0
         try:
             with stage("decode", timings):
@@ -173,18 +216,18 @@ class JobRunner:
                 def fill_refs(arr: Any) -> int:
                     n = min(len(images), arr.shape[0])
                     for i in range(n):
-                        decode.load_image(images[i], writer.size, arr[i], f"product image {i + 1}")
+                        decode.load_image(images[i], sink.size, arr[i], f"product image {i + 1}")
                     return n
 
-                writer.publish_refs(fill_refs)
+                sink.publish_refs(fill_refs)
                 infer_start = time.monotonic()
-                info = decode.sample_video(video_path, self.settings, writer, writer.size)
-                writer.flush()
+                info = decode.sample_video(video_path, self.settings, sink)
         except BaseException:
-            writer.abort()
-            self.gpu.producer.withdraw(job_id, attempt)
+            sink.abort()
+            sink.withdraw_all()
             raise
         if lease.lost.is_set():
+            sink.withdraw_all()
             raise Cancelled()
         self._advance(job_id, JobState.INFERRING, token, timings=timings, video=info.to_dict())
 
@@ -192,29 +235,50 @@ class JobRunner:
             if lease.lost.is_set():
                 raise Cancelled()
 
-        results = self.gpu.collect(
-            job_id, attempt, writer.published, self.settings.inference_timeout_s, heartbeat
-        )
+        try:
+            results = self.gpu.collect(
+                job_id,
+                sink.generation,
+                sink.published,
+                self.settings.inference_timeout_s,
+                heartbeat,
+            )
+        except BaseException:
+            sink.withdraw_all()
+            raise
         timings["inference"] = round(time.monotonic() - infer_start, 6)
         m.STAGE_SECONDS.labels("inference").observe(timings["inference"])
         self._advance(job_id, JobState.RENDERING, token, timings=timings)
 
         with stage("render", timings):
             choice = select.select(results, info.kept_timestamps, info.duration_s, spec.duration_s)
-            first = round(choice.start_s * info.fps)
-            n_frames = min(
-                round((choice.end_s - choice.start_s) * info.fps), info.decoded_frames - first
-            )
-            dest = self.settings.artifacts_path / f"{job_id}.mp4"
+            first, n_frames = info.frames_between(choice.start_s, choice.end_s)
+            if spec.upload_url:
+                dest = scratch / "clip.mp4"
+            else:
+                dest = self.settings.artifacts_path / f"{job_id}.mp4"
             clip = render.render(
-                video_path, dest, choice.start_s, n_frames, info.fps, self.settings.ffmpeg
+                video_path,
+                dest,
+                choice.start_s,
+                n_frames,
+                info.fps,
+                self.settings.ffmpeg,
+                first_frame=first,
             )
+        url: str | None = None
+        if spec.upload_url:
+            with stage("upload", timings):
+                url = upload.put_file(spec.upload_url, clip.path, self.settings)
+        last = first + clip.frames
+        end_s = float(info.times[last]) if last < info.decoded_frames else info.duration_s
         timings["total"] = round(time.time() - created_at, 6)
         highlight = {
             "start_s": round(choice.start_s, 6),
-            "end_s": round(choice.start_s + clip.frames / info.fps, 6),
+            "end_s": round(max(end_s, choice.start_s), 6),
             "score": round(choice.score, 6),
-            "path": str(clip.path),
+            "path": None if url else str(clip.path),
+            "url": url,
             "codec": clip.codec,
             "audio": clip.audio,
             "frames": clip.frames,
@@ -222,9 +286,11 @@ class JobRunner:
         if not self.store.advance(
             job_id, JobState.SUCCEEDED, token, highlight=highlight, timings=timings, error=""
         ):
-            dest.unlink(missing_ok=True)
+            if not url:
+                dest.unlink(missing_ok=True)
             raise Cancelled()
         m.JOBS.labels("succeeded", "").inc()
+        callbacks.notify(self.settings, self.store, job_id)
         log.info(
             "job %s succeeded: %.2f-%.2f s (score %.3f)",
             job_id,
@@ -245,6 +311,7 @@ class JobRunner:
             job_id, ACTIVE, JobState.FAILED, lease=token, error=json.dumps(err.to_dict())
         ):
             m.JOBS.labels("failed", err.code.value).inc()
+            callbacks.notify(self.settings, self.store, job_id)
             return Result(Outcome.FAILED, err, attempt)
         return Result(Outcome.SKIPPED, err, attempt)
 
@@ -253,3 +320,4 @@ class JobRunner:
             job_id, {JobState.QUEUED, *ACTIVE}, JobState.FAILED, error=json.dumps(err.to_dict())
         ):
             m.JOBS.labels("failed", err.code.value).inc()
+            callbacks.notify(self.settings, self.store, job_id)

@@ -75,15 +75,22 @@ def render(
     fps: float,
     ffmpeg: str,
     timeout_s: float = 300.0,
+    *,
+    first_frame: int | None = None,
 ) -> Rendered:
-    """Write ``frames`` frames from ``start_s`` of ``src`` to ``dest`` (an .mp4)."""
+    """Write ``frames`` frames from ``start_s`` of ``src`` to ``dest`` (an .mp4).
+
+    ``first_frame`` is the index of the decoded frame at ``start_s`` (the OpenCV path
+    counts decoded frames; without it, ``round(start_s * fps)``).
+    """
     if frames < 1:
         raise ClipError(ErrorCode.RENDER_FAILED, "nothing to render: the window holds no frame")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tools = find_ffmpeg(ffmpeg)
     if tools is not None:
         return _render_ffmpeg(tools, src, dest, start_s, frames, fps, timeout_s)
-    return _render_opencv(src, dest, start_s, frames, fps)
+    first = round(start_s * fps) if first_frame is None else first_frame
+    return _render_opencv(src, dest, first, frames, fps)
 
 
 def _render_ffmpeg(
@@ -145,13 +152,12 @@ def _render_ffmpeg(
     return Rendered(dest, frames, fps, "h264", audio)
 
 
-def _render_opencv(src: Path, dest: Path, start_s: float, frames: int, fps: float) -> Rendered:
+def _render_opencv(src: Path, dest: Path, first: int, frames: int, fps: float) -> Rendered:
     cap = open_capture(src)
     tmp = dest.with_name(dest.name + ".part.mp4")
     writer: cv2.VideoWriter | None = None
     written = 0
     try:
-        first = round(start_s * fps)
         for _ in range(first):  # accurate: count decoded frames instead of seeking
             if not cap.grab():
                 break

@@ -7,14 +7,28 @@ safe when Celery delivers a task twice: the second delivery either finds a termi
 job (no-op) or a job under a live lease held by someone else (no-op), and only takes
 over a job whose lease expired (its worker died).
 
+Leases: a claim records the lease token, its expiry and the holder (host, pid and
+process start time), and puts the job in a sorted set of running jobs scored by lease
+expiry (:func:`clipline.constants.leases_key`). The holder renews the lease from a
+background thread. Two things recover a job whose holder died:
+
+* a redelivered task on the same host sees that the holder process no longer exists
+  and takes the job over at once (:meth:`JobStore.claim` with ``steal``);
+* the workers' lease sweeper (:meth:`JobStore.expire_leases`) finds leases that
+  expired, and puts those jobs back to ``queued`` (the caller re-sends their task) or,
+  when the attempt has run past the hard time limit, fails them with ``timeout``.
+
 Each transition is announced on the job's pub/sub channel so waiters need not poll.
 Terminal jobs expire after ``terminal_ttl_s``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import socket
 import time
 import uuid
 from typing import Any
@@ -24,10 +38,15 @@ import redis
 from clipline import constants
 from workers.job import ACTIVE, TERMINAL, Job, JobSpec, JobState
 
-# KEYS[1] job hash, KEYS[2] events channel
+_ACTIVE_LUA = "{fetching=true, decoding=true, inferring=true, rendering=true}"
+
+# KEYS[1] job hash, KEYS[2] events channel, KEYS[3] leases set
 # ARGV: allowed-from (comma list), to-state, lease token ('' = not checked),
-#       ttl for terminal ('' = none), then field/value pairs
-_TRANSITION = """
+#       ttl for terminal ('' = none), job id, then field/value pairs
+_TRANSITION = (
+    "local active = "
+    + _ACTIVE_LUA
+    + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 local allowed = false
@@ -37,51 +56,104 @@ if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'lease') ~= ARGV[3] then return
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated_at', string.format('%.6f', now))
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[4] ~= '' then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4])) end
+if not active[ARGV[2]] then redis.call('ZREM', KEYS[3], ARGV[5]) end
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return {1, cur}
 """
+)
 
-# Claim a job for processing. KEYS[1] job, KEYS[2] channel.
-# ARGV: new lease token, lease seconds, max attempts.
+# Claim a job for processing. KEYS[1] job, KEYS[2] channel, KEYS[3] leases set.
+# ARGV: new lease token, lease seconds, max attempts, token of a lease to take over
+#       ('' = none), holder identity, job id.
 # Returns {status, state, attempt}: status 1 claimed, 0 not claimable, 2 attempts exhausted.
-_CLAIM = """
+_CLAIM = (
+    "local active = "
+    + _ACTIVE_LUA
+    + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, '', 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 if cur ~= 'queued' then
-  if cur ~= 'fetching' and cur ~= 'decoding' and cur ~= 'inferring' and cur ~= 'rendering' then
-    return {0, cur, 0}
-  end
+  if not active[cur] then return {0, cur, 0} end
   local until_ = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-  if until_ > now then return {0, cur, 0} end
+  if until_ > now then
+    if ARGV[4] == '' or redis.call('HGET', KEYS[1], 'lease') ~= ARGV[4] then
+      return {0, cur, 0}
+    end
+  end
 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
 if attempt > tonumber(ARGV[3]) then return {2, cur, attempt - 1} end
+local until_ = now + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'fetching', 'attempt', attempt, 'lease', ARGV[1],
-  'lease_until', string.format('%.6f', now + tonumber(ARGV[2])),
-  'updated_at', string.format('%.6f', now))
+  'lease_until', string.format('%.6f', until_), 'lease_owner', ARGV[5],
+  'attempt_started_at', string.format('%.6f', now), 'updated_at', string.format('%.6f', now))
 if not redis.call('HGET', KEYS[1], 'started_at') then
   redis.call('HSET', KEYS[1], 'started_at', string.format('%.6f', now))
 end
+redis.call('ZADD', KEYS[3], until_, ARGV[6])
 redis.call('PUBLISH', KEYS[2], 'fetching')
 return {1, cur, attempt}
 """
+)
 
-# Extend a lease. KEYS[1] job. ARGV token, seconds. Returns 1 if still ours.
-_RENEW = """
+# Extend a lease. KEYS[1] job, KEYS[2] leases set. ARGV token, seconds, job id.
+# Returns 1 if still ours.
+_RENEW = (
+    "local active = "
+    + _ACTIVE_LUA
+    + """
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
-local st = redis.call('HGET', KEYS[1], 'state')
-if st ~= 'fetching' and st ~= 'decoding' and st ~= 'inferring' and st ~= 'rendering' then
-  return 0
+if not active[redis.call('HGET', KEYS[1], 'state')] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local until_ = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'lease_until', string.format('%.6f', until_))
+redis.call('ZADD', KEYS[2], until_, ARGV[3])
+return 1
+"""
+)
+
+# Recover a job whose lease expired. KEYS[1] job, KEYS[2] channel, KEYS[3] leases set.
+# ARGV: job id, hard time limit (s, 0 = none), timeout error JSON, terminal ttl,
+#       worker-lost note JSON.
+# Returns {1, priority} requeued, {2, ''} failed (timeout), {0, ''} nothing to do.
+_EXPIRE = (
+    "local active = "
+    + _ACTIVE_LUA
+    + """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur or not active[cur] then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return {0, ''}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-redis.call('HSET', KEYS[1], 'lease_until', string.format('%.6f', now + tonumber(ARGV[2])))
-return 1
+local until_ = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+if until_ > now then
+  redis.call('ZADD', KEYS[3], until_, ARGV[1])
+  return {0, ''}
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+local stamp = string.format('%.6f', now)
+local began = tonumber(redis.call('HGET', KEYS[1], 'attempt_started_at') or '0')
+local limit = tonumber(ARGV[2])
+if limit > 0 and began > 0 and now - began >= limit then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[3], 'lease', '',
+    'finished_at', stamp, 'updated_at', stamp)
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  redis.call('PUBLISH', KEYS[2], 'failed')
+  return {2, ''}
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'lease', '', 'lease_until', '0',
+  'last_error', ARGV[5], 'updated_at', stamp)
+redis.call('PUBLISH', KEYS[2], 'queued')
+return {1, redis.call('HGET', KEYS[1], 'priority') or ''}
 """
+)
 
 # Idempotent create. KEYS[1] idempotency key, KEYS[2] job hash.
 # ARGV: job id, body hash, idempotency ttl, then job field/value pairs.
@@ -103,6 +175,55 @@ return {1, ARGV[1]}
 """
 
 
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot ('' if unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields[19].decode() if len(fields) > 19 else ""
+
+
+def holder_identity(pid: int | None = None) -> str:
+    """``host:pid:start`` of this process: who holds a lease."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def holder_is_dead(identity: str) -> bool:
+    """True only when ``identity`` names a process of this host that no longer runs.
+
+    A holder on another host, or one this host cannot judge, counts as alive: its
+    lease then simply has to expire.
+    """
+    try:
+        host, pid_s, start = identity.rsplit(":", 2)
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    if host != socket.gethostname() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    # The pid exists: dead only if it now belongs to another process.
+    return bool(start) and _start_ticks(pid) not in ("", start)
+
+
+@dataclasses.dataclass(frozen=True)
+class Expired:
+    """A job whose lease expired, and what the sweeper did with it."""
+
+    job_id: str
+    outcome: str  # "requeued" | "timed_out"
+    priority: str = ""
+
+
 class IdempotencyConflict(Exception):
     """The idempotency key was already used with a different request body."""
 
@@ -122,6 +243,8 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self._create = client.register_script(_CREATE)
+        self._expire = client.register_script(_EXPIRE)
+        self.leases_key = constants.leases_key(deployment)
 
     def key(self, job_id: str) -> str:
         return constants.job_key(self.deployment, job_id)
@@ -196,13 +319,17 @@ class JobStore:
             to.value,
             lease,
             str(self.terminal_ttl_s) if to in TERMINAL else "",
+            job_id,
         ]
         if to in TERMINAL:
             fields.setdefault("finished_at", f"{time.time():.6f}")
             fields.setdefault("lease", "")
+        elif to not in ACTIVE:
+            fields.setdefault("lease", "")
         for k, v in fields.items():
             argv += [k, v if isinstance(v, str) else json.dumps(v)]
-        ok, _ = self._transition(keys=[self.key(job_id), self.channel(job_id)], args=argv)
+        keys = [self.key(job_id), self.channel(job_id), self.leases_key]
+        ok, _ = self._transition(keys=keys, args=argv)
         return bool(int(ok))
 
     def advance(self, job_id: str, to: JobState, lease: str, **fields: Any) -> bool:
@@ -210,17 +337,65 @@ class JobStore:
         return self.transition(job_id, ACTIVE, to, lease=lease, **fields)
 
     def claim(
-        self, job_id: str, lease: str, lease_s: float, max_attempts: int
+        self,
+        job_id: str,
+        lease: str,
+        lease_s: float,
+        max_attempts: int,
+        *,
+        steal: str = "",
+        holder: str | None = None,
     ) -> tuple[int, str, int]:
-        """Try to take a job for processing; see ``_CLAIM`` for the status codes."""
+        """Try to take a job for processing; see ``_CLAIM`` for the status codes.
+
+        ``steal`` is the token of a live lease whose holder is known to be dead: the
+        claim then takes the job over instead of leaving it to that holder.
+        """
         status, cur, attempt = self._claim(
-            keys=[self.key(job_id), self.channel(job_id)], args=[lease, lease_s, max_attempts]
+            keys=[self.key(job_id), self.channel(job_id), self.leases_key],
+            args=[lease, lease_s, max_attempts, steal, holder or holder_identity(), job_id],
         )
         cur = _text(cur)
         return int(status), cur, int(attempt)
 
     def renew(self, job_id: str, lease: str, lease_s: float) -> bool:
-        return bool(int(self._renew(keys=[self.key(job_id)], args=[lease, lease_s])))
+        keys = [self.key(job_id), self.leases_key]
+        return bool(int(self._renew(keys=keys, args=[lease, lease_s, job_id])))
+
+    def lease_holder(self, job_id: str) -> tuple[str, str]:
+        """(lease token, holder identity) of a job ('' when none)."""
+        token, owner = self.r.hmget(self.key(job_id), ["lease", "lease_owner"])
+        return _text(token or b""), _text(owner or b"")
+
+    def expire_leases(
+        self, time_limit_s: float, timeout_error: dict[str, str], limit: int = 100
+    ) -> list[Expired]:
+        """Recover jobs whose lease expired (see the module doc); return what was done."""
+        secs, micros = self.r.time()
+        now = float(secs) + float(micros) / 1e6
+        due = self.r.zrangebyscore(self.leases_key, "-inf", now, start=0, num=limit)
+        note = json.dumps({"code": "worker_lost", "message": "the worker running the job stopped"})
+        out: list[Expired] = []
+        for raw in due:
+            job_id = _text(raw)
+            keys = [self.key(job_id), self.channel(job_id), self.leases_key]
+            args: list[Any] = [
+                job_id,
+                time_limit_s,
+                json.dumps(timeout_error),
+                self.terminal_ttl_s,
+                note,
+            ]
+            status, priority = self._expire(keys=keys, args=args)
+            if int(status) == 1:
+                out.append(Expired(job_id, "requeued", _text(priority)))
+            elif int(status) == 2:
+                out.append(Expired(job_id, "timed_out"))
+        return out
+
+    def running(self) -> int:
+        """Jobs holding a lease (running, or whose holder died recently)."""
+        return int(self.r.zcard(self.leases_key))
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job that has not finished; False if it already is terminal."""

@@ -35,14 +35,24 @@ def submit(
     return job_id, created
 
 
+def queue_list(deployment: str, cls: constants.PriorityClass) -> str:
+    """The Redis list Kombu keeps the class's waiting messages in (``sep`` is ``:``)."""
+    queue = constants.queue_name(deployment)
+    p = cls.celery_priority
+    return queue if p == 0 else f"{queue}:{p}"
+
+
+def queue_depths_redis(client: Any, deployment: str) -> dict[str, int]:
+    """Messages waiting per priority class, read with a plain Redis client."""
+    pipe = client.pipeline(transaction=False)
+    classes = list(constants.PriorityClass)
+    for cls in classes:
+        pipe.llen(queue_list(deployment, cls))
+    return {cls.value: int(n) for cls, n in zip(classes, pipe.execute(), strict=True)}
+
+
 def queue_depths(app: Celery, deployment: str) -> dict[str, int]:
     """Messages waiting per priority class (Kombu's Redis priority lists)."""
-    queue = constants.queue_name(deployment)
-    out: dict[str, int] = {}
     with app.connection_for_read() as conn:
         client: Any = conn.channel().client
-        for cls in constants.PriorityClass:
-            p = cls.celery_priority
-            name = queue if p == 0 else f"{queue}:{p}"
-            out[cls.value] = int(client.llen(name))
-    return out
+        return queue_depths_redis(client, deployment)

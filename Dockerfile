@@ -1,0 +1,85 @@
+# syntax=docker/dockerfile:1.7
+#
+# One image for every clipline process. The entrypoint is the `clipline` console script:
+#   clipline api          the HTTP job API            (port 8080)
+#   clipline worker       Celery CPU workers          (metrics 9401)
+#   clipline gpu-daemon   the GPU inference daemon    (metrics 9400)
+#   clipline-operator run the kopf operator           (metrics 9402; override the command)
+#
+# Targets:
+#   runtime   (default) CUDA runtime + cuDNN, PyTorch with CUDA, ffmpeg
+#   tensorrt  the same plus TensorRT for `--backend tensorrt`
+#
+#   docker build -t clipline:0.1.0 .
+#   docker build --target tensorrt -t clipline:0.1.0-tensorrt .
+#
+# The base is pinned by tag: CUDA 12.8.1 with cuDNN on Ubuntu 24.04 (Python 3.12). The
+# PyTorch wheels come from the matching CUDA 12.8 index; their CUDA libraries need an
+# NVIDIA driver >= 570 on the node. Override both build arguments together.
+
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+
+# ---------------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS base
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# Distribution packages follow the pinned base image's release; versions are not pinned
+# so that security updates apply on rebuild.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        ca-certificates \
+        ffmpeg \
+        python3 \
+        python3-venv \
+        tini \
+    && rm -rf /var/lib/apt/lists/*
+
+# ---------------------------------------------------------------------------------------
+FROM base AS builder
+ARG TORCH_INDEX_URL
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY clipline ./clipline
+COPY workers ./workers
+COPY gpu_service ./gpu_service
+COPY operator ./operator
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" . \
+    && clipline --help >/dev/null \
+    && clipline-operator --help >/dev/null
+
+# ---------------------------------------------------------------------------------------
+FROM builder AS builder-tensorrt
+ARG TORCH_INDEX_URL
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" "./[tensorrt]" \
+    && python -c "import tensorrt"
+
+# ---------------------------------------------------------------------------------------
+FROM base AS runtime-base
+RUN groupadd --gid 10001 clipline \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin clipline
+ENV PATH=/opt/venv/bin:$PATH \
+    CLIPLINE_STATE_DIR=/tmp/clipline \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /tmp
+EXPOSE 8080 9400 9401 9402
+ENTRYPOINT ["/usr/bin/tini", "--", "clipline"]
+CMD ["--help"]
+
+# ---------------------------------------------------------------------------------------
+FROM runtime-base AS tensorrt
+COPY --from=builder-tensorrt /opt/venv /opt/venv
+USER 10001:10001
+
+# ---------------------------------------------------------------------------------------
+FROM runtime-base AS runtime
+COPY --from=builder /opt/venv /opt/venv
+USER 10001:10001

@@ -1,0 +1,23 @@
+"""Models served by the GPU daemon; importing this package registers the built-ins.
+
+Frame models (``Model``: uint8 chunks in, per-frame tensors out): ``features``,
+``saliency`` (TASED-Net), ``embed`` (ViT). Text models (``TextModel``: prompts in,
+short texts out): ``copywriter`` (GPT-2).
+"""
+
+from gpu_service.models import copywriter, embed, features, saliency  # noqa: F401
+from gpu_service.models.base import BuildContext, InputSpec, Model, available, build, register
+from gpu_service.models.text import TextModel, available_text, build_text, register_text
+
+__all__ = [
+    "BuildContext",
+    "InputSpec",
+    "Model",
+    "TextModel",
+    "available",
+    "available_text",
+    "build",
+    "build_text",
+    "register",
+    "register_text",
+]

@@ -1,0 +1,46 @@
+"""The operator's own Prometheus metrics.
+
+``clipline_autoscaler_desired_workers{node,pipeline}`` (gauge; ``pipeline`` is
+``<namespace>/<name>`` of the ClipPipeline, so two pipelines never overwrite each other) and
+``clipline_autoscaler_decisions_total{direction,reason}`` (counter, one per node per
+period, holds included). Both live in a dedicated registry served by
+:func:`serve` on ``DEFAULT_OPERATOR_METRICS_PORT``; label values are bounded (node
+names, three directions, the reasons in :class:`~decide.Reason`).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from clipline import constants
+from clipline.constants import Metric
+from clipline_operator.decide import Decision
+
+REGISTRY: Final = CollectorRegistry(auto_describe=True)
+LABEL_PIPELINE: Final = "pipeline"
+
+DESIRED_WORKERS: Final = Gauge(
+    Metric.AUTOSCALER_DESIRED_WORKERS,
+    "Worker pods the autoscaler wants on a GPU node.",
+    [constants.LABEL_NODE_METRIC, LABEL_PIPELINE],
+    registry=REGISTRY,
+)
+DECISIONS: Final = Counter(
+    Metric.AUTOSCALER_DECISIONS_TOTAL.removesuffix("_total"),
+    "Autoscaling decisions, by direction (up, down, hold) and reason.",
+    [constants.LABEL_DIRECTION, constants.LABEL_REASON],
+    registry=REGISTRY,
+)
+
+
+def record(pipeline: str, node: str, decision: Decision) -> None:
+    DESIRED_WORKERS.labels(node, pipeline).set(decision.desired)
+    DECISIONS.labels(decision.direction, decision.reason).inc()
+
+
+def serve(port: int = constants.DEFAULT_OPERATOR_METRICS_PORT, addr: str = "0.0.0.0") -> None:
+    """Expose :data:`REGISTRY` over HTTP (``port`` 0 disables it)."""
+    if port:
+        start_http_server(port, addr=addr, registry=REGISTRY)

@@ -1,0 +1,643 @@
+"""The Helm chart: lint, render, validate every object, reject bad values.
+
+Rendering and linting use Helm's Go SDK (``helm_python``); built-in objects are validated
+with ``kubernetes-validate`` (strict: unknown fields fail) for the oldest supported and a
+current Kubernetes version; the default ClipPipeline is validated with ``jsonschema``
+against the CRD file the chart installs, then turned into the GPU-daemon DaemonSet and
+worker Deployment by the operator's real builders, which must validate too. No Kubernetes
+API server runs here, so nothing is applied to a cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from deploylib import (
+    CHART,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    RELEASE,
+    by_kind,
+    ci_variants,
+    crd_openapi,
+    crds,
+    labels_match,
+    objects,
+    one,
+    pod_templates,
+    promtool,
+    render,
+)
+
+from clipline import constants, dashboards
+from clipline.config import ENV_PREFIX, Settings
+
+VARIANTS = ci_variants()
+CUSTOM_GROUPS = ("clipline.dev/", "monitoring.coreos.com/")
+STANDARD_LABELS = (
+    "helm.sh/chart",
+    constants.LABEL_NAME,
+    constants.LABEL_INSTANCE,
+    constants.LABEL_MANAGED_BY,
+    "app.kubernetes.io/version",
+    constants.LABEL_COMPONENT,
+)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {name: objects(render(values)) for name, values in VARIANTS.items()}
+
+
+def test_ci_variants_exist() -> None:
+    assert len(VARIANTS) >= 4, sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lint_is_clean(variant: str) -> None:
+    report = helm.lint(CHART, VARIANTS[variant], strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_object_is_valid_kubernetes(
+    variant: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    objs = rendered[variant]
+    assert objs
+    for obj in objs:
+        if obj["apiVersion"].startswith(CUSTOM_GROUPS):
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {exc}")
+    unknown = {o["apiVersion"] for o in objs if "/" in o["apiVersion"]} - {
+        "apps/v1",
+        "policy/v1",
+        "networking.k8s.io/v1",
+        "rbac.authorization.k8s.io/v1",
+        "clipline.dev/v1alpha1",
+        "monitoring.coreos.com/v1",
+    }
+    assert not unknown
+
+
+def test_crds_are_valid_and_match_constants() -> None:
+    found = crds()
+    assert [c["metadata"]["name"] for c in found] == [
+        f"{constants.CRD_PLURAL}.{constants.CRD_GROUP}"
+    ]
+    for crd in found:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(crd, version, strict=True)
+        assert crd["spec"]["group"] == constants.CRD_GROUP
+        assert crd["spec"]["names"]["kind"] == constants.CRD_KIND
+        assert [v["name"] for v in crd["spec"]["versions"]] == [constants.CRD_VERSION]
+
+
+def _pipelines(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return by_kind(objs, constants.CRD_KIND)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_default_pipeline_validates_against_the_crd(
+    variant: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    objs = rendered[variant]
+    pipelines = _pipelines(objs)
+    create = VARIANTS[variant].get("pipeline", {}).get("create", True)
+    assert len(pipelines) == (1 if create else 0)
+    schema = dashboards.openapi_to_json_schema(crd_openapi(constants.CRD_KIND))
+    validator = jsonschema.Draft7Validator(schema)
+    for pipeline in pipelines:
+        errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(pipeline)]
+        assert not errors
+        # The secret and the service account the pipeline names come with the release
+        # (or are named explicitly as existing ones in the values).
+        secret = pipeline["spec"]["redis"]["secretRef"]["name"]
+        redis = VARIANTS[variant].get("redis", {})
+        existing = redis.get("external", {}).get("existingSecret") or redis.get("internal", {}).get(
+            "auth", {}
+        ).get("existingSecret")
+        assert secret == existing or secret in {
+            s["metadata"]["name"] for s in by_kind(objs, "Secret")
+        }
+
+
+def test_schema_rejects_what_the_crd_rejects() -> None:
+    """A CRD-invalid ClipPipeline fails at ``helm template`` time, not at apply time."""
+    bad = {"pipeline": {"autoscaling": {"targetGpuUtilization": 0}}}
+    with pytest.raises(helm.HelmValuesError):
+        render(bad)
+    spec = objects(render({}))
+    pipeline = _pipelines(spec)[0]
+    pipeline["spec"]["autoscaling"]["targetGpuUtilization"] = 0
+    schema = dashboards.openapi_to_json_schema(crd_openapi(constants.CRD_KIND))
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(pipeline))
+
+
+def _operator_objects(pipeline: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the real operator builds from a rendered ClipPipeline for one GPU node."""
+    from clipline_operator import builders, crd
+
+    body = copy.deepcopy(pipeline)
+    body["metadata"]["uid"] = "00000000-0000-0000-0000-000000000001"
+    crd.validate_spec(body["spec"], name=body["metadata"]["name"])
+    model = builders.Pipeline.from_body(body)
+    return [
+        builders.build_daemonset(model),
+        builders.build_worker_deployment(model, "gpu-node-1.example.internal", 2),
+    ]
+
+
+@pytest.mark.parametrize("variant", ["default", "monitoring-values", "small-values"])
+def test_operator_builds_valid_objects_from_the_default_pipeline(
+    variant: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    objs = rendered[variant]
+    built = _operator_objects(_pipelines(objs)[0])
+    service_accounts = {s["metadata"]["name"] for s in by_kind(objs, "ServiceAccount")}
+    for obj in built:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+        pod = obj["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] in service_accounts
+        for container in pod["containers"]:
+            assert any(p["name"] == "metrics" for p in container["ports"])
+
+
+def test_pod_monitor_selects_the_pods_the_operator_creates(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    objs = rendered["monitoring-values"]
+    monitor = one(objs, "PodMonitor")
+    built = _operator_objects(_pipelines(objs)[0])
+    assert {o["kind"] for o in built} == {"DaemonSet", "Deployment"}
+    port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    for obj in built:
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        assert labels_match(monitor["spec"]["selector"], labels), labels
+        ports = [
+            p["name"] for c in obj["spec"]["template"]["spec"]["containers"] for p in c["ports"]
+        ]
+        assert port in ports
+    # The API and the operator pods are scraped by the ServiceMonitors, not twice.
+    for _, template in pod_templates(objs):
+        assert not labels_match(monitor["spec"]["selector"], template["metadata"]["labels"])
+
+
+def test_service_monitors_find_their_service_ports(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    objs = rendered["monitoring-values"]
+    monitors = by_kind(objs, "ServiceMonitor")
+    assert {m["metadata"]["labels"][constants.LABEL_COMPONENT] for m in monitors} == {
+        "api",
+        "operator",
+    }
+    for monitor in monitors:
+        services = [
+            s
+            for s in by_kind(objs, "Service")
+            if labels_match(monitor["spec"]["selector"], s["metadata"]["labels"])
+        ]
+        assert len(services) == 1, monitor["metadata"]["name"]
+        names = {p["name"] for p in services[0]["spec"]["ports"]}
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["port"] in names
+            component = [r for r in endpoint["relabelings"] if r["targetLabel"] == "component"]
+            assert (
+                component[0]["replacement"]
+                == monitor["metadata"]["labels"][constants.LABEL_COMPONENT]
+            )
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_selectors_select_their_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for variant, objs in rendered.items():
+        templates = [t["metadata"]["labels"] for _, t in pod_templates(objs)]
+        for owner, template in pod_templates(objs):
+            assert labels_match(owner["spec"]["selector"], template["metadata"]["labels"])
+        for obj in by_kind(objs, "Service"):
+            selector = {"matchLabels": obj["spec"]["selector"]}
+            assert sum(labels_match(selector, t) for t in templates) == 1, (variant, obj)
+        for pdb in by_kind(objs, "PodDisruptionBudget"):
+            assert sum(labels_match(pdb["spec"]["selector"], t) for t in templates) == 1
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_standard_labels_everywhere(
+    variant: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    for obj in rendered[variant]:
+        labels = obj["metadata"].get("labels", {})
+        missing = [k for k in STANDARD_LABELS if k not in labels]
+        assert not missing, (obj["kind"], obj["metadata"]["name"], missing)
+        assert labels[constants.LABEL_INSTANCE] == RELEASE
+        assert len(obj["metadata"]["name"]) <= 63
+    for _, template in pod_templates(rendered[variant]):
+        assert constants.LABEL_COMPONENT in template["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_pods_are_locked_down_and_sized(
+    variant: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    templates = list(pod_templates(rendered[variant]))
+    assert templates
+    for owner, template in templates:
+        where = f"{owner['kind']}/{owner['metadata']['name']}"
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["runAsUser"] == constants.CONTAINER_UID, where
+        assert pod["securityContext"]["runAsGroup"] == constants.CONTAINER_GID, where
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+        for container in pod["containers"] + pod.get("initContainers", []):
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert not sc["capabilities"].get("add"), where
+            assert not sc.get("privileged"), where
+            requests = container["resources"]["requests"]
+            assert {"cpu", "memory"} <= set(requests), where
+            assert "memory" in container["resources"]["limits"], where
+            probes = {"livenessProbe", "readinessProbe"} & set(container)
+            assert probes, f"{where}: container {container['name']} has no probe"
+
+
+def test_operator_pods_get_gpu_limits(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The chart has no GPU pod itself: the daemon the operator builds holds the GPU."""
+    daemonset = _operator_objects(_pipelines(rendered["default"])[0])[0]
+    container = daemonset["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for _, template in pod_templates(rendered["default"]):
+        for c in template["spec"]["containers"]:
+            assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+
+
+def test_pdbs_follow_values(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    default = {
+        p["metadata"]["labels"][constants.LABEL_COMPONENT]
+        for p in by_kind(rendered["default"], "PodDisruptionBudget")
+    }
+    assert default == {"api", "operator"}
+    assert not by_kind(rendered["small-values"], "PodDisruptionBudget")
+    objs = objects(render({"api": {"podDisruptionBudget": {"minAvailable": 1}}}))
+    api = one(objs, "PodDisruptionBudget", "-api")
+    assert api["spec"] == {**api["spec"], "minAvailable": 1} and "maxUnavailable" not in api["spec"]
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_env_names_are_settings_fields(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Every CLIPLINE_* variable the chart sets is read by a clipline process."""
+    from clipline_operator import handlers
+
+    fields = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    fields |= {v for k, v in vars(handlers).items() if k.startswith("ENV_")}
+    seen = 0
+    for objs in rendered.values():
+        for _, template in pod_templates(objs):
+            for container in template["spec"]["containers"]:
+                for name in _env(container):
+                    if name.startswith(ENV_PREFIX):
+                        seen += 1
+                        assert name in fields, name
+    assert seen
+
+
+def test_redis_internal_valkey_with_append_only_persistence(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    objs = rendered["default"]
+    sts = one(objs, "StatefulSet", "-valkey")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--requirepass") + 1] == "$(VALKEY_PASSWORD)"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert sts["spec"]["replicas"] == 1
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    secret = one(objs, "Secret", "-redis")
+    url = base64.b64decode(secret["data"]["url"]).decode()
+    password = base64.b64decode(secret["data"]["password"]).decode()
+    service = one(objs, "Service", "-valkey")["metadata"]["name"]
+    assert url == f"redis://:{password}@{service}.{NAMESPACE}.svc:6379/0"
+    assert len(password) == 32
+    api = one(objs, "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0]
+    ref = _env(api)["CLIPLINE_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "url"}
+
+    small = rendered["small-values"]
+    sts = one(small, "StatefulSet", "-valkey")
+    assert "volumeClaimTemplates" not in sts["spec"]
+    assert "--requirepass" not in sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    url = base64.b64decode(one(small, "Secret", "-redis")["data"]["url"]).decode()
+    assert url == f"redis://clips-valkey.{NAMESPACE}.svc:6379/0"
+
+
+def test_redis_external_modes(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    existing = rendered["external-redis-values"]
+    assert not by_kind(existing, "StatefulSet") and not by_kind(existing, "Secret")
+    api = one(existing, "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0]
+    assert _env(api)["CLIPLINE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "shared-redis",
+        "key": "connection-url",
+    }
+    inline = rendered["external-url-values"]
+    secret = one(inline, "Secret", "-redis")
+    url = base64.b64decode(secret["data"]["url"]).decode()
+    assert url == "rediss://:secret@redis.example.com:6380/2"
+    assert not by_kind(inline, "StatefulSet")
+    assert not by_kind(inline, "Role") and not by_kind(inline, "ClusterRole")
+    operator = one(inline, "Deployment", "-operator")["spec"]["template"]["spec"]
+    assert operator["serviceAccountName"] == "clipline-operator"
+
+
+def test_prometheus_rule_is_the_generated_rule_file(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    rule = one(rendered["monitoring-values"], "PrometheusRule")
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert [a["alert"] for a in alerts] == [a.name for a in dashboards.ALERTS]
+    assert all(a["labels"]["team"] == "video" and a["labels"]["severity"] for a in alerts)
+    path = tmp_path / "rule.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    proc = subprocess.run(
+        [promtool(), "check", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SUCCESS: {len(dashboards.ALERTS)} rules found" in proc.stdout
+    assert not by_kind(rendered["default"], "PrometheusRule")
+
+
+def test_dashboards_ship_as_sidecar_configmaps(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    maps = [
+        c
+        for c in by_kind(rendered["default"], "ConfigMap")
+        if "grafana_dashboard" in c["metadata"]["labels"]
+    ]
+    assert len(maps) == len(dashboards.DASHBOARDS)
+    shipped = {}
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        ((filename, text),) = cm["data"].items()
+        shipped[filename] = json.loads(text)
+    for dashboard in dashboards.DASHBOARDS:
+        assert shipped[f"{dashboard.uid}.json"] == dashboards.dashboard_json(dashboard)
+    monitoring = [
+        c
+        for c in by_kind(rendered["monitoring-values"], "ConfigMap")
+        if c["metadata"].get("annotations")
+    ]
+    assert {c["metadata"]["namespace"] for c in monitoring} == {"monitoring"}
+    assert not by_kind(rendered["external-redis-values"], "ConfigMap")
+
+
+def test_release_name_that_is_no_deployment_name_fails_clearly() -> None:
+    with pytest.raises(helm.HelmRenderError, match="deploymentName"):
+        render({}, name="a-release-name-that-is-far-too-long-for-clipline")
+    objs = objects(
+        render({"deploymentName": "short"}, name="a-release-name-that-is-far-too-long-for-clipline")
+    )
+    assert _pipelines(objs)[0]["spec"]["deployment"] == "short"
+
+
+BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
+    ("unknown top-level key", {"replicas": 3}, "replicas"),
+    ("typo in a nested key", {"api": {"ingres": {"enabled": True}}}, "ingres"),
+    ("wrong type", {"api": {"replicaCount": "two"}}, "replicaCount"),
+    ("unknown redis mode", {"redis": {"mode": "memcached"}}, "mode"),
+    ("external redis without url", {"redis": {"mode": "external"}}, "external"),
+    ("bad redis url", {"redis": {"mode": "external", "external": {"url": "http://x"}}}, "url"),
+    ("two operators without peering", {"operator": {"replicaCount": 2}}, "peering"),
+    ("too many operators", {"operator": {"replicaCount": 9, "peering": "p"}}, "replicaCount"),
+    ("bad deployment name", {"deploymentName": "Bad_Name"}, "deploymentName"),
+    ("bad digest", {"image": {"digest": "md5:abc"}}, "digest"),
+    ("bad interval", {"monitoring": {"podMonitor": {"interval": 15}}}, "interval"),
+    ("bad env name", {"api": {"extraEnv": [{"name": "PATH", "value": "/"}]}}, "name"),
+    ("target above 1", {"pipeline": {"autoscaling": {"targetGpuUtilization": 1.5}}}, "target"),
+    ("unknown backend", {"pipeline": {"models": {"backend": "tensorflow"}}}, "backend"),
+    ("unknown device", {"pipeline": {"gpu": {"device": "tpu"}}}, "device"),
+    ("too few slots", {"pipeline": {"sharedMemory": {"slots": 1}}}, "slots"),
+    ("unknown pipeline key", {"pipeline": {"replicas": 3}}, "replicas"),
+    (
+        "gpu limit in pipeline",
+        {"pipeline": {"gpu": {"resources": {"limits": {"nvidia.com/gpu": 2}}}}},
+        "nvidia.com/gpu",
+    ),
+    ("capability typo", {"securityContext": {"capabilites": {"drop": ["ALL"]}}}, "capabilites"),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"), [c[1:] for c in BAD_VALUES], ids=[c[0] for c in BAD_VALUES]
+)
+def test_schema_rejects_bad_values(values: dict[str, Any], needle: str) -> None:
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as caught:
+            chart.validate_schema(chart.merge_values(values))
+        with pytest.raises(helm.HelmValuesError):
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert needle in str(caught.value)
+
+
+def _walk_schema(schema: dict[str, Any], path: str = "") -> list[str]:
+    """Paths of object schemas without ``additionalProperties: false`` or a description."""
+    problems = []
+    if path and "description" not in schema:
+        problems.append(f"{path}: no description")
+    if "properties" in schema:
+        if schema.get("additionalProperties") is not False:
+            problems.append(f"{path}: additionalProperties is not false")
+        for key, sub in schema["properties"].items():
+            problems += _walk_schema(sub, f"{path}.{key}" if path else key)
+    return problems
+
+
+def test_values_schema_is_closed_and_described() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    assert _walk_schema(schema) == []
+
+
+def test_every_value_is_documented() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    docs = dashboards.values_docs((CHART / "values.yaml").read_text())
+    undocumented = []
+
+    def walk(node: Any, path: str) -> None:
+        if path in docs:
+            assert docs[path], path
+            return
+        if isinstance(node, dict) and node:
+            for key, sub in node.items():
+                walk(sub, f"{path}.{key}" if path else key)
+        else:
+            undocumented.append(path)
+
+    walk(values, "")
+    assert undocumented == []
+    assert docs["api.replicaCount"] == "Job API replicas."
+    assert "pipeline.gpu.nodeSelector" in docs
+
+
+def test_pipeline_defaults_equal_the_crd_defaults() -> None:
+    from clipline_operator import crd
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["pipeline"]
+    defaults = crd.with_defaults({"image": "x", "redis": {"secretRef": {"name": "x"}}})
+    for field in dashboards.PIPELINE_SPEC_FIELDS:
+        assert values[field] == defaults.get(field, []), field
+
+
+def test_notes_tell_how_to_submit_a_job_and_open_the_dashboards() -> None:
+    notes = render({})["clipline/templates/NOTES.txt"]
+    assert f"port-forward service/{RELEASE}-clipline-api 8080:80" in notes
+    assert f'"$CLIPLINE_URL{constants.API_PREFIX}/jobs"' in notes
+    assert "/d/clipline-overview" in notes
+    assert "/dev/shm" in notes and "128 MiB" in notes
+    assert "kube_deployment_status_replicas" in notes
+    assert f"get secret {RELEASE}-clipline-api-key -o jsonpath='{{.data.key}}'" in notes
+    assert "Authorization: Bearer $CLIPLINE_API_KEY" in notes
+    ingress = render(VARIANTS["monitoring-values"])["clipline/templates/NOTES.txt"]
+    assert "CLIPLINE_URL=https://clips.example.com" in ingress
+    assert "port-forward service" not in ingress.split("3. Dashboards")[0]
+
+
+def _triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
+
+
+@pytest.mark.parametrize("variant", ["default", "monitoring-values", "external-redis-values"])
+def test_operator_rbac_equals_the_operators_own_rules(
+    variant: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    from clipline_operator import rbac
+
+    objs = rendered[variant]
+    wanted = _triples(rbac.rbac_rules())
+    cluster = _triples(one(objs, "ClusterRole")["rules"])
+    roles = by_kind(objs, "Role")
+    operator = one(objs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    args = operator["containers"][0]["args"]
+    if VARIANTS[variant].get("operator", {}).get("clusterWide"):
+        assert not roles and cluster == wanted
+        assert not [a for a in args if a.startswith("--namespace")]
+        return
+    watched = sorted(a.split("=", 1)[1] for a in args if a.startswith("--namespace="))
+    assert sorted(r["metadata"]["namespace"] for r in roles) == watched
+    assert watched == sorted(
+        VARIANTS[variant].get("operator", {}).get("watchNamespaces", [NAMESPACE])
+    )
+    for role in roles:
+        namespaced = _triples(role["rules"])
+        assert cluster | namespaced == wanted
+        assert not cluster & namespaced
+        assert {r for _, r, _ in cluster} <= CLUSTER_SCOPED
+        assert not {r for _, r, _ in namespaced} & CLUSTER_SCOPED
+    bindings = by_kind(objs, "RoleBinding") + by_kind(objs, "ClusterRoleBinding")
+    assert len(bindings) == len(roles) + 1
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {
+                "kind": "ServiceAccount",
+                "name": operator["serviceAccountName"],
+                "namespace": NAMESPACE,
+            }
+        ]
+
+
+def test_operator_peering_and_replicas() -> None:
+    objs = objects(render(VARIANTS["monitoring-values"]))
+    deployment = one(objs, "Deployment", "-operator")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert _env(container)["CLIPLINE_OPERATOR_PEERING"]["value"] == "clipline"
+    assert "--standalone" not in container["args"]
+    default = one(objects(render({})), "Deployment", "-operator")
+    assert default["spec"]["strategy"]["type"] == "Recreate"
+    assert "--standalone" in default["spec"]["template"]["spec"]["containers"][0]["args"]
+    with pytest.raises(helm.HelmValuesError, match="peering"):
+        render({"operator": {"replicaCount": 2}})
+
+
+def _b64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+def test_generated_api_key_is_what_the_api_accepts(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    from clipline.api.auth import KeyRing, parse_entry
+
+    objs = rendered["default"]
+    secret = one(objs, "Secret", "-api-key")
+    key, entries = _b64(secret["data"]["key"]), _b64(secret["data"]["keys"])
+    (entry,) = entries.splitlines()
+    assert entry.startswith("default:") and key.startswith("clk_") and len(key) == 47
+    ring = KeyRing([parse_entry(entry)])
+    assert ring.authenticate(key) is not None
+    assert ring.authenticate(key + "x") is None
+    pod = one(objs, "Deployment", "-api")["spec"]["template"]["spec"]
+    env = _env(pod["containers"][0])
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "api-keys")
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert env["CLIPLINE_API_KEY_FILE"]["value"] == f"{mount['mountPath']}/keys"
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert "CLIPLINE_API_KEYS" not in env
+
+
+def test_api_key_alternatives(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from clipline.api.auth import parse_entry
+
+    small = rendered["small-values"]
+    assert not [s for s in by_kind(small, "Secret") if s["metadata"]["name"].endswith("api-key")]
+    env = _env(one(small, "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0])
+    assert "CLIPLINE_API_KEY_FILE" not in env
+    (entry,) = env["CLIPLINE_API_KEYS"]["value"].split(",")
+    assert parse_entry(entry).scopes == {"submit", "read"}
+    existing = rendered["external-redis-values"]
+    pod = one(existing, "Deployment", "-api")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == "clipline-api-keys"
+    with pytest.raises(helm.HelmRenderError, match="API keys"):
+        render({"api": {"auth": {"generateKey": False}}})
+
+
+def test_chart_app_version_is_the_package_version() -> None:
+    import tomllib
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((CHART.parents[1] / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]
+    assert chart["kubeVersion"].startswith(f">={KUBE_VERSIONS[0]}.")

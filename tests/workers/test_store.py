@@ -1,0 +1,178 @@
+"""The job state machine in Redis: atomic transitions, leases, takeover, sweeping.
+
+Real Redis; every test uses its own deployment name (its own keys).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from clipline import constants
+from clipline.config import Settings
+from workers.job import ACTIVE, JobSpec, JobState
+from workers.store import (
+    IdempotencyConflict,
+    JobStore,
+    holder_identity,
+    holder_is_dead,
+)
+
+
+def spec(**kw: Any) -> JobSpec:
+    return JobSpec(video_url="/v.mp4", image_urls=["/p.jpg"], **kw)
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis, settings: Settings) -> JobStore:
+    return JobStore(redis_client, settings.deployment, terminal_ttl_s=120)
+
+
+def dead_identity() -> str:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    ident = holder_identity(proc.pid)
+    proc.wait()
+    return ident
+
+
+def test_idempotent_creation(store: JobStore) -> None:
+    a, created_a = store.create(spec(), "key-1")
+    b, created_b = store.create(spec(), "key-1")
+    assert created_a and not created_b and a == b
+    with pytest.raises(IdempotencyConflict) as e:
+        store.create(spec(title="other"), "key-1")
+    assert e.value.job_id == a
+    c, created_c = store.create(spec(), None)
+    assert created_c and c != a
+    job = store.get(a)
+    assert job is not None and job.state == JobState.QUEUED and job.attempt == 0
+
+
+def test_concurrent_duplicate_submissions_make_one_job(store: JobStore) -> None:
+    ids: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def go() -> None:
+        barrier.wait()
+        ids.append(store.create(spec(), "same-key")[0])
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1
+
+
+def test_transitions_are_checked_and_leased(store: JobStore) -> None:
+    job_id, _ = store.create(spec())
+    assert not store.advance(job_id, JobState.DECODING, "no-lease")  # not active yet
+    assert store.claim(job_id, "L1", 30, 5) == (1, "queued", 1)
+    assert store.state(job_id) == JobState.FETCHING
+    assert not store.advance(job_id, JobState.DECODING, "someone-else")
+    assert store.advance(job_id, JobState.DECODING, "L1")
+    # a second claim while the lease lives is refused (duplicate delivery)
+    assert store.claim(job_id, "L2", 30, 5)[0] == 0
+    assert store.running() == 1
+    hl = {"start_s": 1.0, "end_s": 6.0, "score": 0.5}
+    assert store.advance(job_id, JobState.SUCCEEDED, "L1", highlight=hl)
+    job = store.get(job_id)
+    assert job is not None and job.state == JobState.SUCCEEDED and job.finished_at
+    assert store.running() == 0
+    # terminal: nothing moves it any more, and it expires after the configured TTL
+    assert store.claim(job_id, "L3", 30, 5)[0] == 0
+    assert not store.cancel(job_id)
+    ttl = store.r.ttl(store.key(job_id))
+    assert 0 < ttl <= 120
+
+
+def test_events_are_published(store: JobStore, redis_client: redis.Redis) -> None:
+    job_id, _ = store.create(spec())
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(store.channel(job_id))
+    pubsub.get_message(timeout=1)
+    store.claim(job_id, "L", 30, 5)
+    store.cancel(job_id)
+    seen: list[str] = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=0.5)
+        if msg and msg["type"] == "message":
+            seen.append(msg["data"].decode())
+    pubsub.close()
+    assert seen == ["fetching", "cancelled"]
+
+
+def test_takeover_only_from_a_dead_holder(store: JobStore) -> None:
+    job_id, _ = store.create(spec())
+    dead = dead_identity()
+    assert holder_is_dead(dead)
+    assert not holder_is_dead(holder_identity())
+    assert not holder_is_dead("another-host:1:1")
+    assert store.claim(job_id, "OLD", 30, 5, holder=dead)[0] == 1
+    token, owner = store.lease_holder(job_id)
+    assert (token, owner) == ("OLD", dead)
+    assert store.claim(job_id, "NEW", 30, 5, steal="WRONG")[0] == 0
+    status, state, attempt = store.claim(job_id, "NEW", 30, 5, steal="OLD")
+    assert (status, state, attempt) == (1, "fetching", 2)
+    assert not store.renew(job_id, "OLD", 30)  # the old holder lost it
+    assert store.renew(job_id, "NEW", 30)
+
+
+def test_attempts_are_bounded(store: JobStore) -> None:
+    job_id, _ = store.create(spec())
+    for n in range(1, 3):
+        assert store.claim(job_id, f"L{n}", 30, 2)[0] == 1
+        assert store.transition(job_id, ACTIVE, JobState.QUEUED, lease=f"L{n}")
+    assert store.claim(job_id, "L3", 30, 2) == (2, "queued", 2)
+
+
+def test_expired_leases_are_requeued_or_timed_out(store: JobStore) -> None:
+    timeout = {"code": "timeout", "message": "too slow"}
+    a, _ = store.create(spec(priority="high"))
+    b, _ = store.create(spec())
+    c, _ = store.create(spec())
+    store.claim(a, "LA", 0.2, 5)
+    store.claim(b, "LB", 0.2, 5)
+    store.claim(c, "LC", 30, 5)
+    assert store.expire_leases(60, timeout) == []  # nothing expired yet
+    time.sleep(0.4)
+    done = {e.job_id: e for e in store.expire_leases(60, timeout)}
+    assert set(done) == {a, b}
+    assert done[a].outcome == "requeued" and done[a].priority == "high"
+    assert store.state(a) == JobState.QUEUED
+    raw = store.raw(a)
+    assert raw["lease"] == "" and json.loads(raw["last_error"])["code"] == "worker_lost"
+    assert store.running() == 1  # only c holds a lease
+    # a requeued job is claimable again: attempt 2
+    assert store.claim(a, "LA2", 0.2, 5) == (1, "queued", 2)
+    time.sleep(0.4)
+    # past the hard time limit: failed with timeout instead of requeued again
+    done = {e.job_id: e for e in store.expire_leases(0.3, timeout)}
+    assert done[a].outcome == "timed_out"
+    job = store.get(a)
+    assert job is not None and job.state == JobState.FAILED
+    assert job.error is not None and job.error.code == "timeout"
+    assert store.r.ttl(store.key(a)) > 0
+
+
+def test_cancel_drops_the_lease(store: JobStore) -> None:
+    job_id, _ = store.create(spec())
+    store.claim(job_id, "L", 30, 5)
+    assert store.cancel(job_id)
+    assert store.running() == 0
+    assert not store.advance(job_id, JobState.DECODING, "L")  # the runner notices
+    assert store.r.zscore(constants.leases_key(store.deployment), job_id) is None
+
+
+def test_holder_identity_names_this_process() -> None:
+    host, pid, start = holder_identity().rsplit(":", 2)
+    assert int(pid) == os.getpid() and start.isdigit() and host
