@@ -91,6 +91,16 @@ def results_key(deployment: str, job_id: str) -> str:
     return f"{redis_prefix(deployment)}:results:{job_id}"
 
 
+def caption_requests_key(deployment: str) -> str:
+    """List of caption requests (JSON) the workers push and GPU daemons with a copywriter pop."""
+    return f"{redis_prefix(deployment)}:captions"
+
+
+#: the text model that writes highlight captions (as named in ``Settings.models`` and in
+#: the daemon heartbeat's ``models`` field)
+CAPTION_MODEL: Final = "copywriter"
+
+
 def idempotency_key(deployment: str, key_hash: str) -> str:
     """String mapping a client's Idempotency-Key (hashed) to a job id."""
     return f"{redis_prefix(deployment)}:idem:{key_hash}"
@@ -176,6 +186,15 @@ DEFAULT_OPERATOR_METRICS_PORT: Final = 9402
 # The non-root user and group the image runs as (the arena directory is owned by them).
 CONTAINER_UID: Final = 10001
 CONTAINER_GID: Final = 10001
+
+
+# ---------------------------------------------------------------------------
+# Model-execution backends of the GPU daemon: ``Settings.backend`` /
+# ``model_backends``, the ClipPipeline's ``spec.models.backend`` and the ``backend``
+# metric label. Fallback order: a backend that cannot run here falls back to the ones
+# before it, right to left (``tensorrt`` needs the image's TensorRT target).
+# ---------------------------------------------------------------------------
+BACKENDS: Final[tuple[str, ...]] = ("eager", "channels_last", "compile", "cudagraphs", "tensorrt")
 
 
 # ---------------------------------------------------------------------------

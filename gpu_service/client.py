@@ -9,11 +9,20 @@ first chunk while the rest is still decoding). Product images travel the same wa
 one ``refs`` chunk. Results come back on the job's Redis list;
 :meth:`GpuClient.collect` waits for exactly the chunks that were published, for this
 attempt only.
+
+Captions: :meth:`GpuClient.request_caption` pushes a small caption request onto the
+deployment's Redis list (never the arena; see :mod:`gpu_service.captions`), but only
+when the node's daemon advertises a copywriter with real weights in its heartbeat
+(:meth:`GpuClient.copywriter_ready`). :meth:`GpuClient.collect` then also waits for
+the caption answer, at most ``caption_grace_s`` after the last frame result (the
+request was sent before decoding, so it is normally there first). A caption that
+fails, or does not come, is logged and the job goes on without one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,13 +32,20 @@ import numpy as np
 from clipline import constants
 from clipline.config import Settings
 from clipline.errors import ClipError, ErrorCode
+from gpu_service import wire
 from gpu_service.shm import ChunkKind, Producer, SlotLease
+
+log = logging.getLogger("clipline.worker")
+
+#: how long :meth:`GpuClient.collect` waits for a caption once every frame result is in
+CAPTION_GRACE_S = 10.0
 
 
 class GpuClient:
     def __init__(self, settings: Settings, redis_client: Any) -> None:
         self.settings = settings
         self.redis = redis_client
+        self.caption_grace_s = CAPTION_GRACE_S
         self.producer = Producer(
             settings.arena_path, settings.socket_path, settings.shm_reserve_timeout_s
         )
@@ -45,6 +61,46 @@ class GpuClient:
     def writer(self, job_id: str, attempt: int, priority: int, arrival: float) -> ChunkWriter:
         return ChunkWriter(self, job_id, attempt, priority, arrival)
 
+    # -- captions ----------------------------------------------------------------
+    def copywriter_ready(self) -> bool:
+        """Whether this node's daemon advertises a copywriter with real weights."""
+        key = constants.daemon_heartbeat_key(self.settings.deployment, self.settings.node_name)
+        raw = self.redis.hget(key, "models")
+        if not raw:
+            return False
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        _backend, trusted = wire.parse_models(text).get(constants.CAPTION_MODEL, ("", False))
+        return trusted
+
+    def request_caption(
+        self, job_id: str, attempt: int, title: str, description: str, priority: int
+    ) -> bool:
+        """Ask the daemon for a caption if it can write one; True if a request was sent.
+
+        Nothing is sent without a title or description, or when the node's daemon has
+        no copywriter with real weights (the caption then stays null).
+        """
+        if not (title.strip() or description.strip()) or not self.copywriter_ready():
+            return False
+        s = self.settings
+        ttl_s = max(s.inference_timeout_s, s.job_time_limit_s, s.job_soft_time_limit_s, 60.0)
+        req = wire.CaptionRequest.make(
+            job_id=job_id,
+            attempt=attempt,
+            title=title,
+            description=description,
+            priority=priority,
+            now=time.time(),
+            ttl_s=ttl_s,
+        )
+        key = constants.caption_requests_key(s.deployment)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.rpush(key, req.dumps())
+        pipe.expire(key, int(ttl_s) + 1)
+        pipe.execute()
+        return True
+
+    # -- results -------------------------------------------------------------------
     def collect(
         self,
         job_id: str,
@@ -52,13 +108,35 @@ class GpuClient:
         expected: int,
         timeout_s: float,
         heartbeat: Callable[[], None] | None = None,
+        caption_attempt: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Wait for ``expected`` results of this attempt; raise ``gpu_unavailable`` on timeout."""
+        """Wait for ``expected`` results of this attempt; raise ``gpu_unavailable`` on timeout.
+
+        With ``caption_attempt`` (the ``attempt`` a caption request was sent with), also
+        wait for that caption's answer, at most ``caption_grace_s`` after the last
+        result; when it comes (even with an error) it is the last item returned.
+        """
         key = constants.results_key(self.settings.deployment, job_id)
         deadline = time.monotonic() + timeout_s
         got: dict[int, dict[str, Any]] = {}
-        while len(got) < expected:
-            remaining = deadline - time.monotonic()
+        caption: dict[str, Any] | None = None
+        caption_until: float | None = None
+        while len(got) < expected or (caption_attempt is not None and caption is None):
+            now = time.monotonic()
+            if len(got) >= expected:  # only the caption is missing
+                if caption_until is None:
+                    caption_until = min(deadline, now + self.caption_grace_s)
+                if now >= caption_until:
+                    log.warning(
+                        "job %s: no caption from the GPU daemon within %.1f s of the last "
+                        "result; finishing without one",
+                        job_id,
+                        self.caption_grace_s,
+                    )
+                    break
+                remaining = caption_until - now
+            else:
+                remaining = deadline - now
             if remaining <= 0:
                 self.producer.withdraw(job_id, attempt)
                 raise ClipError(
@@ -66,12 +144,19 @@ class GpuClient:
                     f"the GPU daemon returned {len(got)} of {expected} results "
                     f"within {timeout_s:.0f} s",
                 )
-            item = self.redis.blpop([key], timeout=max(1, min(5, int(remaining + 0.999))))
+            item = self.redis.blpop([key], timeout=max(0.1, min(5.0, remaining)))
             if heartbeat is not None:
                 heartbeat()
             if item is None:
                 continue
             msg = json.loads(item[1])
+            if msg.get("kind") == wire.CAPTION_KIND:
+                if caption_attempt is None or msg.get("attempt") != caption_attempt:
+                    continue  # not asked for, or for an earlier attempt
+                if msg.get("error"):
+                    log.warning("job %s: the caption failed: %s", job_id, msg["error"])
+                caption = msg
+                continue
             if msg.get("attempt") != attempt:
                 continue  # a late answer for an earlier attempt
             if msg.get("error"):
@@ -82,7 +167,10 @@ class GpuClient:
                 )
             got[int(msg["chunk"])] = msg
         self.redis.delete(key)
-        return [got[k] for k in sorted(got)]
+        out = [got[k] for k in sorted(got)]
+        if caption is not None:
+            out.append(caption)
+        return out
 
 
 class ChunkWriter:

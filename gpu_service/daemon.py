@@ -7,11 +7,17 @@ The work is done by :class:`gpu_service.engine.Engine` (``schedule() -> execute(
 the thin I/O wrapper around them:
 
 * start-up: bound ``torch`` threads, ``cudnn.benchmark`` on CUDA, build the configured
-  models (``Settings.models``; ``features`` always runs) with the configured backend
+  models (``Settings.models``; ``features`` always runs; text models such as
+  ``copywriter`` are built apart, see below) with the configured backend
   (``Settings.backend``, per model ``Settings.model_backends`` = ``name=backend,...``
   when the deployment defines it; each model's backend falls back along the chain and
   logs what it chose), create the shared-memory arena, warm the models up (every batch
   bucket on CUDA), then announce readiness;
+* captions: when ``copywriter`` is among ``Settings.models`` and has real weights, a
+  :class:`~gpu_service.captions.CaptionService` pops caption requests from Redis (its
+  own intake thread) and the engine runs them between frame batches
+  (:mod:`gpu_service.captions`); without weights the model is listed as untrusted in
+  the heartbeat and no request is taken;
 * the main thread runs the engine loop; a housekeeping thread refreshes the Redis
   heartbeat (``constants.daemon_heartbeat_key``: device, models and their backends,
   counters, cumulative busy seconds) and the gauges (``clipline_device_busy_ratio``,
@@ -46,9 +52,11 @@ from clipline.config import Settings
 from gpu_service import models as registry
 from gpu_service.backends import BACKENDS, buckets_up_to
 from gpu_service.batcher import BatchPolicy
+from gpu_service.captions import CaptionService
 from gpu_service.engine import Engine
 from gpu_service.executor import BusyMeter, DeviceFailure, make_executor
 from gpu_service.models.base import BuildContext, Model
+from gpu_service.models.text import TextModel
 from gpu_service.publisher import RedisResultSink, ResultPublisher
 from gpu_service.shm import ArenaLayout, Consumer
 
@@ -132,10 +140,31 @@ def _build_one(name: str, settings: Settings, device: torch.device) -> Model:
     return registry.build(name, BuildContext(settings=settings, device=device))
 
 
+def text_model_names(settings: Settings) -> list[str]:
+    """The configured names that are text models (``copywriter``), in order."""
+    text = set(registry.available_text())
+    return [n for n in model_names(settings) if n in text]
+
+
+def build_text_models(settings: Settings, device: torch.device) -> list[TextModel]:
+    """Build the configured text models (eager; real weights only from ``weights_dir``)."""
+    built: list[TextModel] = []
+    for name in text_model_names(settings):
+        model = registry.build_text(name, BuildContext(settings=settings, device=device))
+        log.info(
+            "text model %s: %s",
+            model.name,
+            "trusted" if model.weights_loaded else "untrusted (no weights): never used",
+        )
+        built.append(model)
+    return built
+
+
 def build_models(settings: Settings, device: torch.device) -> list[Model]:
     """Build every configured model with its backend (falling back to eager if it fails)."""
     overrides = model_backends(settings)
-    names = model_names(settings)
+    text = set(text_model_names(settings))
+    names = [n for n in model_names(settings) if n not in text]
     for unknown in sorted(set(overrides) - set(names)):
         log.warning("model_backends names %r, which is not in models=%s", unknown, names)
     built: list[Model] = []
@@ -191,6 +220,7 @@ class Daemon:
         settings: Settings,
         redis_client: Any | None = None,
         models: list[Model] | None = None,
+        text_models: list[TextModel] | None = None,
     ) -> None:
         import redis
 
@@ -212,6 +242,9 @@ class Daemon:
 
             self._http = httpserve.serve(settings.daemon_metrics_port, self.ready, live=self.live)
         self.models = models if models is not None else build_models(settings, self.device)
+        self.text_models = (
+            text_models if text_models is not None else build_text_models(settings, self.device)
+        )
         self.policy = policy_from(settings)
         self.consumer = Consumer(
             settings.arena_path,
@@ -241,6 +274,7 @@ class Daemon:
                 RedisResultSink(self.redis, settings.deployment, settings.result_ttl_s),
                 self.device.type,
             )
+            self.captions = self._caption_service()
             self.engine = Engine(
                 self.consumer,
                 self.models,
@@ -248,11 +282,34 @@ class Daemon:
                 self.publisher,
                 self.policy,
                 depth=depth,
+                captions=self.captions,
             )
         except BaseException:
             self.consumer.close(unlink=True)
             raise
         self.warmup_s = 0.0
+
+    def _caption_service(self) -> CaptionService | None:
+        """The caption service when a copywriter with real weights is configured."""
+        writer = next((t for t in self.text_models if t.name == constants.CAPTION_MODEL), None)
+        if writer is None:
+            return None
+        if not writer.weights_loaded:
+            log.warning(
+                "%s has no weights: captions stay null and no caption request is taken",
+                writer.name,
+            )
+            return None
+        return CaptionService(
+            writer,
+            self.publisher,
+            self.redis,
+            constants.caption_requests_key(self.settings.deployment),
+            self.settings.socket_path,
+            device=self.device,
+            busy=self.busy,
+            stream=getattr(self.executor, "compute_stream", None),
+        )
 
     # -- state ------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -288,7 +345,10 @@ class Daemon:
         info: dict[str, str | int | float] = {
             "pid": os.getpid(),
             "device": str(self.device),
-            "models": ",".join(f"{x.name}:{x.backend}:{int(x.trusted)}" for x in self.models),
+            "models": ",".join(
+                [f"{x.name}:{x.backend}:{int(x.trusted)}" for x in self.models]
+                + [f"{t.name}:eager:{int(t.weights_loaded)}" for t in self.text_models]
+            ),
             "arena": str(self.settings.arena_path),
             "host": socket.gethostname(),
             "threads": self.threads,
@@ -305,6 +365,10 @@ class Daemon:
             "draining": int(self.engine.draining),
             "ready": int(self.ready()),
         }
+        if self.captions is not None:
+            info["captions"] = self.captions.answered
+            info["caption_errors"] = self.captions.failed
+            info["captions_pending"] = self.captions.pending()
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
             info["registered"] = int(getattr(self.executor, "registered", False))
@@ -368,8 +432,12 @@ class Daemon:
             self.warmup_s = self.engine.warmup(
                 lay.frames_per_chunk, lay.frame_height, lay.frame_width, sizes
             )
+            if self.captions is not None:
+                self.warmup_s += self.captions.warmup()
             self._init_nvml()
             self.publisher.start()
+            if self.captions is not None:
+                self.captions.start()
             self._tick = time.monotonic()
             self._ready = True
             self._heartbeat()

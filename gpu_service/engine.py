@@ -21,9 +21,15 @@ even be staged is answered with the error. A device failure (a CUDA fault) propa
 the daemon exits without unlinking the arena, and the next daemon takes the unfinished
 items over (:mod:`gpu_service.shm` recovery).
 
+Captions: with a :class:`~gpu_service.captions.CaptionService`, :meth:`Engine.run_once`
+runs one caption batch after a frame step when it is due (no frame batch was due in
+that step, or enough frame batches and frame time passed since the last caption
+batch), on the same thread and device as the frames; see :mod:`gpu_service.captions`.
+
 Draining: with ``draining`` set, batches are formed without waiting for the delay, and
 :meth:`drained` is true once nothing is READY, nothing is in flight and no producer is
-still writing a slot (producers get ``drain_grace_s`` to finish theirs).
+still writing a slot (producers get ``drain_grace_s`` to finish theirs), and every
+caption request already taken from Redis is answered.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,6 +47,9 @@ from gpu_service.executor import Completed, DeviceFailure, Executor, Launched
 from gpu_service.models.base import Model
 from gpu_service.publisher import ResultPublisher
 from gpu_service.shm import ChunkKind, Consumer, Descriptor
+
+if TYPE_CHECKING:
+    from gpu_service.captions import CaptionService
 
 log = logging.getLogger("clipline.gpu")
 
@@ -60,6 +70,7 @@ class Engine:
         *,
         depth: int = 1,
         drain_grace_s: float = 10.0,
+        captions: CaptionService | None = None,
     ) -> None:
         if not models:
             raise ValueError("the engine needs at least one model")
@@ -70,6 +81,7 @@ class Engine:
         self.policy = policy
         self.depth = max(1, depth)
         self.drain_grace_s = drain_grace_s
+        self.captions = captions
         self.models_by_kind: dict[ChunkKind, list[Model]] = {
             ChunkKind.FRAMES: list(models),
             ChunkKind.REFS: [mdl for mdl in models if not mdl.temporal],
@@ -95,6 +107,8 @@ class Engine:
         if not self.draining:
             self.draining = True
             self._drain_since = time.monotonic()
+            if self.captions is not None:
+                self.captions.stop_intake()
 
     # -- schedule -----------------------------------------------------------------
     def schedule(self, *, force: bool = False) -> Batch | None:
@@ -205,7 +219,16 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------
     def run_once(self) -> bool:
-        """One pipeline step; True if anything was launched or completed."""
+        """One pipeline step, then a caption batch if one is due; True if anything ran."""
+        progressed = self._frames_once()
+        captions = self.captions
+        if captions is not None and captions.due(progressed, self.batches_done):
+            captions.run(self.batches_done)
+            return True
+        return progressed
+
+    def _frames_once(self) -> bool:
+        """One step of the frame pipeline; True if anything was launched or completed."""
         launched_now = False
         rejected_before = self.rejected
         if len(self.inflight) < self.depth:
@@ -243,6 +266,8 @@ class Engine:
     def drained(self) -> bool:
         """Draining and nothing left: no READY items, nothing in flight, no late writer."""
         if not self.draining or self.inflight:
+            return False
+        if self.captions is not None and not self.captions.idle():
             return False
         states = self.consumer.arena.states()
         if states["ready"] or states["consuming"]:
@@ -293,6 +318,8 @@ class Engine:
         return time.monotonic() - start
 
     def close(self) -> None:
+        if self.captions is not None:
+            self.captions.close()
         self.executor.close()
 
 

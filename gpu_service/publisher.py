@@ -4,7 +4,8 @@ The engine hands each finished batch (host tensors, already off the device) to
 :class:`ResultPublisher`. Its thread cuts every item's outputs to the item's own frame
 count, encodes the message (:mod:`gpu_service.wire`), pushes all messages of the batches
 waiting at that moment through one Redis pipeline (``RPUSH`` + ``EXPIRE`` per job list),
-and records the per-batch metrics. The launch thread only enqueues a reference.
+and records the per-batch metrics. The launch thread only enqueues a reference. Caption
+answers (:mod:`gpu_service.captions`) take the same way, one message per request.
 
 The queue is bounded: if Redis stalls for longer than ``max_pending`` batches take, the
 engine blocks on :meth:`ResultPublisher.submit` (backpressure, the arena fills, producers
@@ -62,6 +63,30 @@ class _Rejected:
         self.at = at
 
 
+class _Captions:
+    """Answers of one caption batch: ``(request, caption, error)`` each."""
+
+    def __init__(
+        self,
+        answers: Sequence[tuple[wire.CaptionRequest, str | None, str | None]],
+        *,
+        model: str,
+        trusted: bool,
+        batch_seq: int,
+        inference_s: float,
+        formed_at: float,
+    ) -> None:
+        self.answers = list(answers)
+        self.model = model
+        self.trusted = trusted
+        self.batch_seq = batch_seq
+        self.inference_s = inference_s
+        self.formed_at = formed_at
+
+
+_Entry = Completed | _Rejected | _Captions
+
+
 class ResultPublisher:
     """A thread that encodes and publishes finished batches in order."""
 
@@ -76,7 +101,7 @@ class ResultPublisher:
         self.sink = sink
         self.device = device
         self.retry_for_s = retry_for_s
-        self._queue: queue.Queue[Completed | _Rejected | None] = queue.Queue(max_pending)
+        self._queue: queue.Queue[_Entry | None] = queue.Queue(max_pending)
         self._cond = threading.Condition()
         self._pending = 0
         self._thread: threading.Thread | None = None
@@ -98,7 +123,30 @@ class ResultPublisher:
         if items:
             self._put(_Rejected(items, seq, time.monotonic()))
 
-    def _put(self, entry: Completed | _Rejected) -> None:
+    def captions(
+        self,
+        answers: Sequence[tuple[wire.CaptionRequest, str | None, str | None]],
+        *,
+        model: str,
+        trusted: bool,
+        batch_seq: int,
+        inference_s: float,
+        formed_at: float,
+    ) -> None:
+        """Publish one caption batch's answers (``formed_at``: epoch seconds)."""
+        if answers:
+            self._put(
+                _Captions(
+                    answers,
+                    model=model,
+                    trusted=trusted,
+                    batch_seq=batch_seq,
+                    inference_s=inference_s,
+                    formed_at=formed_at,
+                )
+            )
+
+    def _put(self, entry: _Entry) -> None:
         with self._cond:
             self._pending += 1
         self._queue.put(entry)
@@ -172,10 +220,34 @@ class ResultPublisher:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _encode(self, entry: Completed | _Rejected) -> list[tuple[str, str]]:
+    def _encode(self, entry: _Entry) -> list[tuple[str, str]]:
         if isinstance(entry, _Rejected):
             return self._encode_rejected(entry)
+        if isinstance(entry, _Captions):
+            return self._encode_captions(entry)
         return self._encode_completed(entry)
+
+    def _encode_captions(self, entry: _Captions) -> list[tuple[str, str]]:
+        now = time.time()
+        out = []
+        for req, caption, error in entry.answers:
+            msg = wire.caption_message(
+                request=req,
+                caption=caption,
+                model=entry.model,
+                trusted=entry.trusted,
+                device=self.device,
+                queue_wait_s=max(0.0, entry.formed_at - req.requested_at),
+                inference_s=entry.inference_s,
+                latency_s=max(0.0, now - req.requested_at),
+                batch=len(entry.answers),
+                batch_seq=entry.batch_seq,
+                error=error,
+            )
+            out.append((req.job_id, wire.dumps(msg)))
+            if error:
+                self.errors += 1
+        return out
 
     def _encode_rejected(self, entry: _Rejected) -> list[tuple[str, str]]:
         out = []

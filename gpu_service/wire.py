@@ -17,13 +17,27 @@ publication to the result being handed to Redis, ``batch`` the number of real it
 in its batch and ``batch_seq`` the daemon's running batch number (batches run in that
 order). An item the daemon could not process carries ``error`` and empty ``outputs``;
 workers fail the job with that reason. Readers must ignore fields they do not know.
+
+Captions. A worker asks for a highlight caption by pushing one :class:`CaptionRequest`
+(JSON ``{"job_id", "attempt", "title", "description", "priority", "requested_at",
+"expires_at"}``, times in epoch seconds) onto ``constants.caption_requests_key``; see
+:mod:`gpu_service.captions`. The daemon answers on the same results list with one
+more message of ``kind`` ``"caption"``: the fields above with ``chunk`` =
+``CAPTION_CHUNK`` (-2), ``frames`` 0, empty ``outputs``, ``trusted`` =
+``{"copywriter": bool}``, plus ``"caption": null | "<one line>"``. ``attempt`` echoes
+the request's. ``error`` set means this caption failed (the job does not: it finishes
+without a caption); ``caption`` null without an error means the model had nothing to
+say. ``queue_wait_s`` and ``latency_s`` count from ``requested_at``, ``batch`` is the
+number of requests decoded together and ``batch_seq`` numbers caption batches apart
+from frame batches.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,6 +54,13 @@ REQUIRED_FIELDS: tuple[str, ...] = (
     "device",
     "error",
 )
+
+#: ``kind`` of a caption answer, and the ``chunk`` number it carries
+CAPTION_KIND = "caption"
+CAPTION_CHUNK = -2
+#: a request's texts are cut to these lengths (whitespace runs collapsed) before sending
+MAX_REQUEST_TITLE_CHARS = 300
+MAX_REQUEST_DESCRIPTION_CHARS = 1000
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:
@@ -101,3 +122,133 @@ def loads(raw: bytes | str) -> dict[str, Any]:
     if missing:
         raise ValueError(f"result message lacks {', '.join(missing)}")
     return msg
+
+
+# ---------------------------------------------------------------------------
+# Captions.
+# ---------------------------------------------------------------------------
+def _squash(text: str, limit: int) -> str:
+    return " ".join(text.split())[:limit]
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionRequest:
+    """One job's request for a caption (what a worker pushes; see the module docstring)."""
+
+    job_id: str
+    attempt: int
+    title: str
+    description: str = ""
+    priority: int = 1
+    requested_at: float = 0.0
+    expires_at: float = 0.0
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        job_id: str,
+        attempt: int,
+        title: str,
+        description: str,
+        priority: int,
+        now: float,
+        ttl_s: float,
+    ) -> CaptionRequest:
+        """A request with its texts normalised and cut, expiring ``ttl_s`` after ``now``."""
+        return cls(
+            job_id=job_id,
+            attempt=attempt,
+            title=_squash(title, MAX_REQUEST_TITLE_CHARS),
+            description=_squash(description, MAX_REQUEST_DESCRIPTION_CHARS),
+            priority=priority,
+            requested_at=now,
+            expires_at=now + ttl_s,
+        )
+
+    def dumps(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> CaptionRequest:
+        """Parse a request; ``ValueError`` if it is not one (unknown fields are ignored)."""
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"caption request is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("caption request is not a JSON object")
+        try:
+            req = cls(
+                job_id=data["job_id"],
+                attempt=data["attempt"],
+                title=data.get("title", ""),
+                description=data.get("description", ""),
+                priority=data.get("priority", 1),
+                requested_at=float(data.get("requested_at", 0.0)),
+                expires_at=float(data.get("expires_at", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"invalid caption request: {exc!r}") from None
+        if not isinstance(req.job_id, str) or not req.job_id:
+            raise ValueError("invalid caption request: job_id must be a non-empty string")
+        if not isinstance(req.attempt, int) or not isinstance(req.priority, int):
+            raise ValueError("invalid caption request: attempt and priority must be integers")
+        if not isinstance(req.title, str) or not isinstance(req.description, str):
+            raise ValueError("invalid caption request: title and description must be strings")
+        return req
+
+
+def caption_message(
+    *,
+    request: CaptionRequest,
+    caption: str | None,
+    model: str,
+    trusted: bool,
+    device: str,
+    queue_wait_s: float,
+    inference_s: float,
+    latency_s: float,
+    batch: int,
+    batch_seq: int,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The answer to one caption request (``caption`` None when ``error`` is set)."""
+    return {
+        "error": error,
+        "job_id": request.job_id,
+        "attempt": request.attempt,
+        "chunk": CAPTION_CHUNK,
+        "kind": CAPTION_KIND,
+        "frames": 0,
+        "outputs": {},
+        "caption": None if error else caption,
+        "trusted": {model: bool(trusted)},
+        "backends": {model: "eager"},
+        "device": device,
+        "queue_wait_s": round(queue_wait_s, 6),
+        "inference_s": round(inference_s, 6),
+        "latency_s": round(latency_s, 6),
+        "batch": batch,
+        "batch_seq": batch_seq,
+    }
+
+
+def caption_of(results: Iterable[Mapping[str, Any]]) -> str | None:
+    """The caption among a job's results: None if absent, failed or empty."""
+    for msg in results:
+        if msg.get("kind") == CAPTION_KIND and not msg.get("error"):
+            text = msg.get("caption")
+            return text if isinstance(text, str) and text else None
+    return None
+
+
+def parse_models(field: str) -> dict[str, tuple[str, bool]]:
+    """The heartbeat's ``models`` field (``name:backend:trusted,...``) as a mapping."""
+    out: dict[str, tuple[str, bool]] = {}
+    for part in field.split(","):
+        name, _, rest = part.strip().partition(":")
+        backend, _, trusted = rest.partition(":")
+        if name:
+            out[name] = (backend, trusted.strip() == "1")
+    return out

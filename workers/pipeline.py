@@ -11,6 +11,13 @@ left). The soft time limit ends the job with ``timeout``.
 
 The clip goes to the local artifact directory, or, when the job carries an
 ``upload_url``, to that presigned URL (:mod:`workers.upload`).
+
+Caption: once the sources are fetched, a job with a title or description asks the GPU
+daemon for a one-line caption (:meth:`gpu_service.client.GpuClient.request_caption`,
+only when the daemon advertises a copywriter with real weights), so the daemon writes
+it while the video decodes; it arrives with the frame results and becomes
+``highlight.caption``. A caption that fails or does not come leaves it null; the job
+never fails over its caption.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from clipline import metrics as m
 from clipline.config import Settings
 from clipline.constants import PriorityClass
 from clipline.errors import ClipError, ErrorCode
+from gpu_service import wire
 from gpu_service.client import GpuClient
 from workers import callbacks, decode, fetch, preprocess, render, select, upload
 from workers.job import ACTIVE, JobSpec, JobState
@@ -209,6 +217,7 @@ class JobRunner:
         sink = preprocess.SlotSink(
             self.gpu.producer, job_id, preprocess.generation(attempt), priority, created_at
         )
+        caption_attempt = self._request_caption(job_id, spec, sink.generation, priority)
         infer_start = 0.0
         try:
             with stage("decode", timings):
@@ -242,6 +251,7 @@ class JobRunner:
                 sink.published,
                 self.settings.inference_timeout_s,
                 heartbeat,
+                caption_attempt=caption_attempt,
             )
         except BaseException:
             sink.withdraw_all()
@@ -282,6 +292,7 @@ class JobRunner:
             "codec": clip.codec,
             "audio": clip.audio,
             "frames": clip.frames,
+            "caption": wire.caption_of(results),
         }
         if not self.store.advance(
             job_id, JobState.SUCCEEDED, token, highlight=highlight, timings=timings, error=""
@@ -298,6 +309,19 @@ class JobRunner:
             highlight["end_s"],
             choice.score,
         )
+
+    def _request_caption(
+        self, job_id: str, spec: JobSpec, generation: int, priority: int
+    ) -> int | None:
+        """Ask the daemon for the job's caption; the ``attempt`` to wait for, or None."""
+        try:
+            sent = self.gpu.request_caption(
+                job_id, generation, spec.title, spec.description, priority
+            )
+        except Exception as exc:  # the caption is optional: never fail the job over it
+            log.warning("job %s: could not request a caption: %s", job_id, exc)
+            return None
+        return generation if sent else None
 
     def _handle_error(self, job_id: str, token: str, attempt: int, err: ClipError) -> Result:
         if err.transient and attempt < self.settings.max_attempts:

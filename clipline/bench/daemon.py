@@ -58,8 +58,9 @@ import numpy as np
 from clipline import constants
 
 DEFAULT_OUT = Path("bench") / "results" / "daemon.json"
-CPU_BACKENDS = ("eager", "channels_last", "compile")
-CUDA_BACKENDS = ("eager", "channels_last", "compile", "cudagraphs", "tensorrt")
+CUDA_BACKENDS = constants.BACKENDS
+#: the backends that run without CUDA (cudagraphs and tensorrt need a GPU)
+CPU_BACKENDS = tuple(b for b in constants.BACKENDS if b not in ("cudagraphs", "tensorrt"))
 TARGET_BUSY = 0.95
 
 

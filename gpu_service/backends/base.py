@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 #: fallback order: a request falls back to the backends before it, right to left
-BACKENDS: tuple[str, ...] = ("eager", "channels_last", "compile", "cudagraphs", "tensorrt")
+from clipline.constants import BACKENDS as BACKENDS
+
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,

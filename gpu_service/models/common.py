@@ -28,9 +28,12 @@ INIT_SEED = 20240601
 
 
 def setting(settings: Settings, name: str, default: T) -> T:
-    """``settings.<name>`` when defined and non-empty, else ``default``."""
+    """``settings.<name>`` when set (not empty, not 0), else ``default``.
+
+    Optional model settings use ``""``/``0`` for "the default for this device".
+    """
     value: Any = getattr(settings, name, None)
-    if value is None or value == "":
+    if value is None or value == "" or value == 0:
         return default
     return type(default)(value) if default is not None else value  # type: ignore[call-arg]
 

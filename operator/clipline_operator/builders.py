@@ -19,6 +19,11 @@ mode 0700, so only clipline's uid can open the arena. All long-running container
 uid/gid :data:`constants.CONTAINER_UID`, non-root, with a read-only root filesystem, an
 ``emptyDir`` at ``/tmp`` and every capability dropped.
 
+Secrets reach the pods only through ``secretKeyRef`` (the operator itself never reads a
+Secret): the Redis URL (``spec.redis.secretRef``) for both, the completion-callback
+signing secret (``spec.callbacks.secretRef``) for the workers alone, which sign and send
+the callbacks; the GPU daemon does not need it and does not get it.
+
 Every object carries an owner reference to the ClipPipeline (deleting it deletes
 everything) and a ``clipline.dev/spec-hash`` annotation so the reconciler only patches
 what changed.
@@ -176,7 +181,25 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def _env(pipeline: Pipeline) -> list[JSON]:
+#: Settings only the workers get, whatever ``extraEnv`` says.
+WORKER_ONLY_ENV: Final = frozenset({env_name("callback_secret")})
+
+
+def _secret_env(field: str, ref: Mapping[str, Any], default_key: str) -> JSON:
+    key = ref.get("key") or default_key
+    return {
+        "name": env_name(field),
+        "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": key}},
+    }
+
+
+def _env(pipeline: Pipeline, component: str) -> list[JSON]:
+    """The container env of ``component`` (the daemon or the workers).
+
+    Only the workers get the callback signing secret (``spec.callbacks.secretRef``, or a
+    ``CLIPLINE_CALLBACK_SECRET`` in ``extraEnv``): they deliver the callbacks, the GPU
+    daemon never needs it.
+    """
     spec = pipeline.spec
     models = spec["models"]
     shm = spec["sharedMemory"]
@@ -203,15 +226,15 @@ def _env(pipeline: Pipeline) -> list[JSON]:
             "name": env_name("node_name"),
             "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}},
         },
-        {
-            "name": env_name("redis_url"),
-            "valueFrom": {
-                "secretKeyRef": {"name": redis_ref["name"], "key": redis_ref.get("key", "url")}
-            },
-        },
+        _secret_env("redis_url", redis_ref, "url"),
     ]
+    callbacks = spec.get("callbacks")
+    if component == COMPONENT_WORKERS and callbacks:
+        env.append(_secret_env("callback_secret", callbacks["secretRef"], crd.CALLBACK_SECRET_KEY))
     extra = {item["name"]: item["value"] for item in spec.get("extraEnv") or []}
     reserved = {item["name"] for item in env}
+    if component != COMPONENT_WORKERS:
+        reserved |= WORKER_ONLY_ENV
     for field, value in values.items():
         name = env_name(field)
         if name not in extra:
@@ -345,7 +368,7 @@ def build_daemonset(pipeline: Pipeline) -> JSON:
         "image": spec["image"],
         "imagePullPolicy": spec["imagePullPolicy"],
         "args": ["gpu-daemon"],
-        "env": _env(pipeline),
+        "env": _env(pipeline, COMPONENT_DAEMON),
         "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
         "resources": resources,
         "securityContext": _container_security(),
@@ -407,7 +430,7 @@ def build_worker_deployment(pipeline: Pipeline, node: str, replicas: int) -> JSO
         "image": spec["image"],
         "imagePullPolicy": spec["imagePullPolicy"],
         "args": ["worker"],
-        "env": _env(pipeline),
+        "env": _env(pipeline, COMPONENT_WORKERS),
         "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
         "resources": _resources(spec["workers"]["resources"]),
         "securityContext": _container_security(),

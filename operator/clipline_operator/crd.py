@@ -24,8 +24,10 @@ JSON = dict[str, Any]
 
 CRD_NAME: Final = f"{constants.CRD_PLURAL}.{constants.CRD_GROUP}"
 API_VERSION: Final = f"{constants.CRD_GROUP}/{constants.CRD_VERSION}"
-#: Model-execution backends the GPU daemon understands.
-BACKENDS: Final = ("eager", "compile", "onnx", "tensorrt")
+#: Model-execution backends the GPU daemon understands (its fallback order).
+BACKENDS: Final = constants.BACKENDS
+#: Key of the callback signing secret in ``spec.callbacks.secretRef``'s Secret by default.
+CALLBACK_SECRET_KEY: Final = "secret"
 #: Placeholders a ``prometheus.selector`` or ``utilizationQuery`` may use.
 QUERY_PLACEHOLDERS: Final = ("{namespace}", "{name}", "{selector}", "{window}")
 
@@ -231,6 +233,35 @@ def spec_schema() -> JSON:
                     }
                 },
             },
+            "callbacks": {
+                "type": "object",
+                "required": ["secretRef"],
+                "additionalProperties": False,
+                "description": (
+                    "Signed completion callbacks: the Secret whose key the workers sign "
+                    "them with (CLIPLINE_CALLBACK_SECRET; comma-separated secrets each sign, "
+                    "for rotation). The GPU daemon does not get it. Give the job API the "
+                    "same secret. Without it the workers deliver no callbacks."
+                ),
+                "properties": {
+                    "secretRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "description": "Secret (same namespace) whose key holds the secret.",
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1, "maxLength": 253},
+                            "key": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": 253,
+                                "pattern": r"^[-._a-zA-Z0-9]+$",
+                                "default": CALLBACK_SECRET_KEY,
+                            },
+                        },
+                    }
+                },
+            },
             "models": {
                 "type": "object",
                 "default": {},
@@ -244,7 +275,17 @@ def spec_schema() -> JSON:
                         "items": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]*$"},
                         "description": "Registry names of the models run per chunk.",
                     },
-                    "backend": {"type": "string", "enum": list(BACKENDS), "default": "eager"},
+                    "backend": {
+                        "type": "string",
+                        "enum": list(BACKENDS),
+                        "default": "eager",
+                        "description": (
+                            "Model-execution backend of the GPU daemon. One that cannot run "
+                            "on the node falls back along "
+                            f"{' -> '.join(reversed(BACKENDS))} (logged); tensorrt needs "
+                            "the image's TensorRT target."
+                        ),
+                    },
                     "maxBatchSize": _int(1, 1024, 8, "Largest dynamic batch."),
                     "maxQueueDelayMs": {
                         "type": "number",

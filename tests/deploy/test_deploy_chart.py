@@ -136,6 +136,14 @@ def test_default_pipeline_validates_against_the_crd(
         assert secret == existing or secret in {
             s["metadata"]["name"] for s in by_kind(objs, "Secret")
         }
+        callbacks = VARIANTS[variant].get("callbacks", {})
+        if "callbacks" in pipeline["spec"]:
+            ref = pipeline["spec"]["callbacks"]["secretRef"]
+            assert ref["name"] == callbacks.get("existingSecret") or ref["name"] in {
+                s["metadata"]["name"] for s in by_kind(objs, "Secret")
+            }
+        else:
+            assert callbacks.get("generateSecret") is False and not callbacks.get("existingSecret")
 
 
 def test_schema_rejects_what_the_crd_rejects() -> None:
@@ -437,6 +445,9 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("bad env name", {"api": {"extraEnv": [{"name": "PATH", "value": "/"}]}}, "name"),
     ("target above 1", {"pipeline": {"autoscaling": {"targetGpuUtilization": 1.5}}}, "target"),
     ("unknown backend", {"pipeline": {"models": {"backend": "tensorflow"}}}, "backend"),
+    ("onnx is no backend", {"pipeline": {"models": {"backend": "onnx"}}}, "backend"),
+    ("empty callback key", {"callbacks": {"existingSecretKey": ""}}, "existingSecretKey"),
+    ("callbacks on the pipeline", {"pipeline": {"callbacks": {}}}, "callbacks"),
     ("unknown device", {"pipeline": {"gpu": {"device": "tpu"}}}, "device"),
     ("too few slots", {"pipeline": {"sharedMemory": {"slots": 1}}}, "slots"),
     ("unknown pipeline key", {"pipeline": {"replicas": 3}}, "replicas"),
@@ -641,3 +652,139 @@ def test_chart_app_version_is_the_package_version() -> None:
     project = tomllib.loads((CHART.parents[1] / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]
     assert chart["kubeVersion"].startswith(f">={KUBE_VERSIONS[0]}.")
+
+
+# ---------------------------------------------------------------------------
+# Completion callbacks: one signing secret for the API and the workers.
+# ---------------------------------------------------------------------------
+CALLBACK_ENV = ENV_PREFIX + "CALLBACK_SECRET"
+
+
+def _resolve_env(
+    container: dict[str, Any], objs: list[dict[str, Any]], existing: dict[str, dict[str, str]]
+) -> dict[str, str]:
+    """The container's environment as the kubelet would set it (secretKeyRef resolved
+    against the rendered Secrets, then ``existing`` ones; fieldRefs left out)."""
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objs, "Secret")}
+    out: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            out[item["name"]] = item["value"]
+            continue
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref is None:
+            continue
+        if ref["name"] in secrets:
+            out[item["name"]] = _b64(secrets[ref["name"]]["data"][ref["key"]])
+        else:
+            out[item["name"]] = existing[ref["name"]][ref["key"]]
+    return out
+
+
+def _api_container(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    container: dict[str, Any] = one(objs, "Deployment", "-api")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    return container
+
+
+def test_generated_callback_secret_signs_what_receivers_verify(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The default install: the generated secret reaches the API and, through the
+    ClipPipeline and the operator's real builders, the workers (not the daemon); a
+    callback the workers sign verifies with the secret read as NOTES.txt says."""
+    from clipline.api import signing
+
+    objs = rendered["default"]
+    secret = one(objs, "Secret", "-callback-secret")
+    name = secret["metadata"]["name"]
+    assert name == f"{RELEASE}-clipline-callback-secret"
+    value = _b64(secret["data"]["secret"])
+    assert len(value) >= 32 and value.isalnum()  # no comma: one secret, not a rotation list
+    ref = {"name": name, "key": "secret"}
+    assert _env(_api_container(objs))[CALLBACK_ENV]["valueFrom"]["secretKeyRef"] == ref
+    assert _pipelines(objs)[0]["spec"]["callbacks"] == {"secretRef": ref}
+
+    daemon, workers = _operator_objects(_pipelines(objs)[0])
+    assert CALLBACK_ENV not in _env(daemon["spec"]["template"]["spec"]["containers"][0])
+    worker_env = _resolve_env(workers["spec"]["template"]["spec"]["containers"][0], objs, {})
+    api_env = _resolve_env(_api_container(objs), objs, {})
+    worker = Settings.from_env(worker_env)
+    api = Settings.from_env(api_env)
+    assert worker.callback_secret == api.callback_secret == value
+    body = b'{"id": "evt_1", "event": "job.succeeded"}'
+    header = signing.sign(signing.split_secrets(worker.callback_secret), body)
+    signing.verify(value, body, header)
+    with pytest.raises(signing.SignatureError):
+        signing.verify(value[:-1], body, header)
+
+    notes = render({})["clipline/templates/NOTES.txt"]
+    assert f"get secret {name} -o jsonpath='{{.data.secret}}' | base64 -d" in notes
+    annotations = one(objs, "Deployment", "-api")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/callback-secret" in annotations
+
+
+def test_callback_secret_alternatives(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from clipline_operator import crd
+
+    # An existing Secret (external-url-values): nothing generated, both read it.
+    objs = rendered["external-url-values"]
+    assert not [s for s in by_kind(objs, "Secret") if "callback" in s["metadata"]["name"]]
+    ref = {"name": "clipline-callbacks", "key": "hmac.key"}
+    assert _env(_api_container(objs))[CALLBACK_ENV]["valueFrom"]["secretKeyRef"] == ref
+    pipeline = _pipelines(objs)[0]
+    assert pipeline["spec"]["callbacks"]["secretRef"] == ref
+    assert crd.validate_spec(pipeline["spec"])["callbacks"]["secretRef"] == ref
+    _, workers = _operator_objects(pipeline)
+    existing = {"clipline-callbacks": {"hmac.key": "new-secret,old-secret"}}
+    env = _resolve_env(workers["spec"]["template"]["spec"]["containers"][0], objs, existing)
+    assert Settings.from_env(env).callback_secret == "new-secret,old-secret"
+    notes = render(VARIANTS["external-url-values"])["clipline/templates/NOTES.txt"]
+    assert "get secret clipline-callbacks -o jsonpath='{.data.hmac\\.key}'" in notes
+    only_api = rendered["external-redis-values"]  # no ClipPipeline, every Secret existing
+    assert _env(_api_container(only_api))[CALLBACK_ENV]["valueFrom"]["secretKeyRef"] == {
+        "name": "clipline-callbacks",
+        "key": "secret",
+    }
+
+    # Callbacks off (small-values): no Secret, no env, no ClipPipeline field.
+    objs = rendered["small-values"]
+    assert not [s for s in by_kind(objs, "Secret") if "callback" in s["metadata"]["name"]]
+    assert CALLBACK_ENV not in _env(_api_container(objs))
+    assert "callbacks" not in _pipelines(objs)[0]["spec"]
+    notes = render(VARIANTS["small-values"])["clipline/templates/NOTES.txt"]
+    assert 'refuses jobs with a "callback_url"' in notes
+
+
+# ---------------------------------------------------------------------------
+# The `node` label the operator's queries and the per-node panels group by.
+# ---------------------------------------------------------------------------
+NODE_RELABEL = {
+    "sourceLabels": ["__meta_kubernetes_pod_node_name"],
+    "targetLabel": constants.LABEL_NODE_METRIC,
+}
+
+
+def test_monitors_give_series_the_pods_node(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from clipline_operator import prom
+
+    assert prom.NODE_LABEL == constants.LABEL_NODE_METRIC == "node"
+    assert f"by ({prom.NODE_LABEL})" in prom.DEFAULT_UTILIZATION_QUERY
+    objs = rendered["monitoring-values"]
+    (endpoint,) = one(objs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    # The exporter's own `node` (the daemon's) wins; every other series gets the pod's.
+    assert endpoint["honorLabels"] is True
+    assert NODE_RELABEL in endpoint["relabelings"]
+    monitors = {
+        m["metadata"]["labels"][constants.LABEL_COMPONENT]: m["spec"]["endpoints"][0]
+        for m in by_kind(objs, "ServiceMonitor")
+    }
+    assert monitors["api"]["honorLabels"] is True
+    assert NODE_RELABEL in monitors["api"]["relabelings"]
+    # The operator's `node` label names the GPU node a value is about: never overwritten.
+    assert not [
+        r
+        for r in monitors["operator"]["relabelings"]
+        if r.get("targetLabel") == constants.LABEL_NODE_METRIC
+    ]

@@ -12,8 +12,9 @@ cluster and the kube-state-metrics series of its worker Deployment come from the
 stand-in in ``e2e_operator.py``.
 
 Prometheus' scrape configuration mirrors the chart's PodMonitor/ServiceMonitors: each
-target gets ``namespace``, ``component`` and (for the daemon and workers) ``node``
-labels, with ``honor_labels``.
+target gets ``namespace``, ``component`` and (all but the operator) ``node`` labels,
+with ``honor_labels`` (``test_deploy_scrape_labels.py`` checks the chart's relabelings
+themselves).
 
 ``CLIPLINE_E2E_REDIS_URL`` names another Redis; ``CLIPLINE_E2E_EXTRA_JOBS=N`` adds N jobs
 (a longer run with a backlog); ``CLIPLINE_WRITE_PREVIEW=1`` copies the rendered preview
@@ -152,7 +153,7 @@ def _prometheus_config(ports: dict[str, int]) -> dict[str, Any]:
         "scrape_configs": [
             job("gpu-daemon", ports["daemon"], {**ns, "component": "gpu-daemon", "node": NODE}),
             job("workers", ports["worker"], {**ns, "component": "workers", "node": NODE}),
-            job("api", ports["api"], {**ns, "component": "api"}),
+            job("api", ports["api"], {**ns, "component": "api", "node": NODE}),
             job("operator", ports["operator"], {**ns, "component": "operator"}),
             job("kube-state-metrics", ports["ksm"], {}),
         ],

@@ -1,8 +1,9 @@
 """The ``copywriter`` text model: greedy, bounded, KV-cached GPT-2 captions.
 
-A tiny GPT-2 and a byte-level BPE tokenizer are trained here in a second on one
-product text, then saved as a Hugging Face directory, which is exactly what a real
-GPT-2 directory in ``weights_dir`` looks like to the model.
+A tiny GPT-2 and a byte-level BPE tokenizer are trained in a second on one product
+text (``gpt2lib.shared_weights``, once per session), then saved as a Hugging
+Face directory, which is exactly what a real GPT-2 directory in ``weights_dir`` looks
+like to the model.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from gpt2lib import CAPTION, DESCRIPTION, TITLE, shared_weights
 
 from clipline.config import Settings
 from gpu_service.models import BuildContext, build_text
-from gpu_service.models.common import seeded
 from gpu_service.models.copywriter import CopywriterModel, caption_prompt
 
 CPU = torch.device("cpu")
-TITLE, DESCRIPTION, CAPTION = "Red running shoe", "Light and fast.", "Run faster in red"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,46 +32,13 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+def gpt2_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_weights(tmp_path_factory)
 
-    text = caption_prompt(TITLE, DESCRIPTION) + f" {CAPTION}\n"
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        [text, caption_prompt("Blue hat")] * 8,
-        vocab_size=300,
-        min_frequency=1,
-        special_tokens=["<|endoftext|>"],
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        eos_token="<|endoftext|>",
-        bos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-    config = GPT2Config(
-        vocab_size=len(tok),
-        n_positions=128,
-        n_embd=48,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    with seeded(5):
-        model = GPT2LMHeadModel(config)
-        ids = torch.tensor([tok.encode(text)])
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(40):  # memorise the one example
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    directory = tmp_path_factory.mktemp("weights") / "gpt2"
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
+
+@pytest.fixture(scope="module")
+def gpt2_dir(gpt2_weights: Path) -> Path:
+    return gpt2_weights / "gpt2"
 
 
 @pytest.fixture(scope="module")

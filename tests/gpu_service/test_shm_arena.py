@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,9 +62,7 @@ def test_files_are_owner_only_whatever_the_umask(deployment: str, names: tuple[P
 
 
 def test_names_include_the_deployment_and_two_deployments_do_not_collide() -> None:
-    from conftest import new_deployment
-
-    deps = [new_deployment("a"), new_deployment("b")]
+    deps = [f"{prefix}-{uuid.uuid4().hex[:10]}" for prefix in ("a", "b")]
     consumers = [Consumer(*paths(d), LAYOUT, d) for d in deps]
     producers = [Producer(*paths(d)) for d in deps]
     try:

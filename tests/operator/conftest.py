@@ -57,9 +57,13 @@ def _exporter(
         child = wait.labels("node-waiting")
 
         def feed() -> None:
-            step = 0.1
-            while not stop.wait(step):
-                child.observe(WAIT_RATE * step)
+            # Observe the wall time actually elapsed, so a thread delayed by a busy
+            # machine still feeds exactly WAIT_RATE seconds of waiting per second.
+            last = time.monotonic()
+            while not stop.wait(0.1):
+                now = time.monotonic()
+                child.observe(WAIT_RATE * (now - last))
+                last = now
 
         threading.Thread(target=feed, daemon=True).start()
     port = free_port()

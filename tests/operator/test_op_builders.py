@@ -193,3 +193,71 @@ def test_cpu_quantities() -> None:
     assert builders.cpu_millis(2) == 2000
     with pytest.raises(ValueError):
         builders.cpu_millis("1Gi")
+
+
+def _env_of(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in _pod(obj)["containers"][0]["env"]}
+
+
+def test_workers_alone_get_the_callback_secret_from_its_secret(full: Pipeline) -> None:
+    secret = builders.env_name("callback_secret")
+    assert secret == "CLIPLINE_CALLBACK_SECRET"
+    workers = _env_of(builders.build_worker_deployment(full, "gpu-1", 2))
+    assert workers[secret] == {
+        "name": secret,
+        "valueFrom": {"secretKeyRef": {"name": "clipline-callbacks", "key": "secret"}},
+    }
+    # The GPU daemon never needs it (least privilege), not even through extraEnv.
+    assert secret not in _env_of(builders.build_daemonset(full))
+    leaky = _pipeline(
+        callbacks={"secretRef": {"name": "cb", "key": "hmac"}},
+        extraEnv=[{"name": secret, "value": "plain-text"}],
+    )
+    assert secret not in _env_of(builders.build_daemonset(leaky))
+    # The Secret wins over a plain value in extraEnv, and appears once.
+    env = _pod(builders.build_worker_deployment(leaky, "n", 1))["containers"][0]["env"]
+    assert [e for e in env if e["name"] == secret] == [
+        {"name": secret, "valueFrom": {"secretKeyRef": {"name": "cb", "key": "hmac"}}}
+    ]
+
+
+def test_callback_secret_key_defaults_and_absence() -> None:
+    with_ref = _pipeline(callbacks={"secretRef": {"name": "cb"}})
+    assert with_ref.spec["callbacks"]["secretRef"] == {"name": "cb", "key": "secret"}
+    env = _env_of(builders.build_worker_deployment(with_ref, "n", 1))
+    assert env["CLIPLINE_CALLBACK_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "cb",
+        "key": "secret",
+    }
+    kubernetes_validate.validate(
+        builders.build_worker_deployment(with_ref, "n", 1), K8S_VERSION, strict=True
+    )
+    plain = _pipeline()
+    assert "callbacks" not in plain.spec
+    plain_workers = builders.build_worker_deployment(plain, "n", 1)
+    assert "CLIPLINE_CALLBACK_SECRET" not in _env_of(plain_workers)
+    # Turning callbacks on restarts the workers, never the GPU daemon.
+    key = builders.ANNOTATION_SPEC_HASH
+    daemons = [
+        builders.build_daemonset(p)["metadata"]["annotations"][key] for p in (plain, with_ref)
+    ]
+    workers = [
+        builders.build_worker_deployment(p, "n", 1)["metadata"]["annotations"][key]
+        for p in (plain, with_ref)
+    ]
+    assert daemons[0] == daemons[1]
+    assert workers[0] != workers[1]
+
+
+def test_callbacks_spec_is_validated() -> None:
+    from clipline_operator import crd
+
+    bads: list[dict[str, Any]] = [
+        {},
+        {"secretRef": {}},
+        {"secretRef": {"name": "cb", "key": ""}},
+        {"x": 1},
+    ]
+    for bad in bads:
+        with pytest.raises(crd.SpecError, match="callbacks"):
+            _pipeline(callbacks=bad)

@@ -4,6 +4,8 @@ fail, each for its stated reason)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ BAD_REASONS = {
     "typo-field.yaml": "maxWorkerPerNode",
     "tiny-arena.yaml": "slot",
     "redis-without-secret.yaml": "secretRef",
+    "callbacks-without-secret-name.yaml": "callbacks.secretRef",
 }
 
 
@@ -114,6 +117,29 @@ def test_defaults_match_the_issue() -> None:
     assert scaling["prometheus"]["url"].startswith("http")
     assert spec["redis"]["secretRef"]["key"] == "url"
     assert spec["gpu"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_backends_are_the_daemons() -> None:
+    """The CRD accepts exactly the GPU daemon's backends (one tuple, in constants)."""
+    from gpu_service import backends
+
+    enum = crd.spec_schema()["properties"]["models"]["properties"]["backend"]["enum"]
+    assert tuple(enum) == constants.BACKENDS == backends.BACKENDS
+    assert "onnx" not in enum
+    for name in constants.BACKENDS:
+        spec = {"image": "x", "redis": {"secretRef": {"name": "r"}}, "models": {"backend": name}}
+        assert crd.validate_spec(spec)["models"]["backend"] == name
+
+
+def test_the_crd_does_not_import_torch() -> None:
+    """The operator image path: the backend names come from constants, not the daemon."""
+    code = (
+        "import sys, clipline.constants, clipline_operator.crd, clipline_operator.builders; "
+        "print(clipline.constants.BACKENDS); sys.exit('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr or "torch was imported"
+    assert "tensorrt" in out.stdout
 
 
 def test_deployment_name_must_fit_the_wire_format() -> None:

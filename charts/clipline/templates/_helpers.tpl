@@ -212,3 +212,25 @@ The Secret of the generated API key, and the Secret/key of the API key file the 
 {{- .Values.api.auth.existingSecretKey }}
 {{- else }}keys{{- end }}
 {{- end }}
+
+{{/*
+The Secret and key that hold the completion-callback signing secret: callbacks.existingSecret,
+else the generated one; empty when callbacks are off.
+*/}}
+{{- define "clipline.callbacks.generatedSecretName" -}}
+{{- include "clipline.componentName" (dict "ctx" . "component" "callback-secret") }}
+{{- end }}
+
+{{- define "clipline.callbacks.secretName" -}}
+{{- if .Values.callbacks.existingSecret }}
+{{- .Values.callbacks.existingSecret }}
+{{- else if .Values.callbacks.generateSecret }}
+{{- include "clipline.callbacks.generatedSecretName" . }}
+{{- end }}
+{{- end }}
+
+{{- define "clipline.callbacks.secretKey" -}}
+{{- if .Values.callbacks.existingSecret }}
+{{- .Values.callbacks.existingSecretKey }}
+{{- else }}secret{{- end }}
+{{- end }}
