@@ -484,6 +484,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 # services
 # ---------------------------------------------------------------------------
 def cmd_gpu_daemon(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
     from gpu_service.daemon import main as daemon_main
 
     return daemon_main()

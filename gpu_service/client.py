@@ -144,7 +144,9 @@ class GpuClient:
                     f"the GPU daemon returned {len(got)} of {expected} results "
                     f"within {timeout_s:.0f} s",
                 )
-            item = self.redis.blpop([key], timeout=max(0.1, min(5.0, remaining)))
+            # Block well under the client's socket timeout (redis-py's default is 5 s),
+            # or a quiet wait would surface as a socket error instead of a retry.
+            item = self.redis.blpop([key], timeout=max(0.1, min(2.0, remaining)))
             if heartbeat is not None:
                 heartbeat()
             if item is None:

@@ -8,7 +8,9 @@
   (user + system, including reaped children such as ffmpeg), peak RSS summed over the
   tree, and peak PSS (RSS with shared pages divided among their users, so the
   shared-memory arena and copy-on-write pages are counted once); CPU seconds are also
-  broken down by process role (daemon, worker, service, redis, ffmpeg, ...).
+  broken down by process role (daemon, worker, service, redis, ffmpeg, ...): a child
+  the sampler saw counts under its own role, one too short-lived to be seen under the
+  parent that reaped it.
 * :class:`BeatSampler` — reads the GPU daemon's Redis heartbeat, which carries its
   cumulative busy seconds (the union of device execution intervals), so the busy ratio
   over any span is ``Δ busy_s / Δt``.
