@@ -42,6 +42,7 @@ class Settings:
     shm_slot_bytes: int = 4 * 1024 * 1024
     shm_reserve_timeout_s: float = 30.0
     shm_starvation_age_s: float = 10.0
+    shm_spin_us: int = 2000  # the daemon polls this long for work before sleeping
 
     # What the workers produce for the daemon (published in the arena header too).
     frames_per_chunk: int = 16

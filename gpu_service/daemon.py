@@ -97,15 +97,11 @@ def configure_torch(settings: Settings, device: torch.device) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    if settings.torch_threads:
-        threads = settings.torch_threads
-    elif device.type == "cpu":
-        # On a CPU the "device" is the cores the co-located workers decode on: leave
-        # them theirs. More intra-op threads only spin while workers hold the cores
-        # (measured: 2 threads next to 2 workers on 2 cores halved throughput).
-        threads = max(1, cores - settings.worker_concurrency)
-    else:
-        threads = min(4, cores)  # launch thread plus a few for host-side work
+    # The intra-op threads must sleep when idle (OMP_WAIT_POLICY=PASSIVE, set by the
+    # entrypoints before torch loads): spinning threads steal the cores co-located
+    # workers decode on (measured on 2 cores: 2 spinning threads next to 2 workers
+    # halved throughput; sleeping ones raised it 1.16x over a single thread).
+    threads = settings.torch_threads or min(4, cores)
     torch.set_num_threads(threads)
     if device.type == "cuda":
         if device.index is not None:
@@ -260,6 +256,7 @@ class Daemon:
             layout_from(settings),
             settings.deployment,
             starvation_age_s=settings.shm_starvation_age_s,
+            spin_s=settings.shm_spin_us / 1e6,
         )
         try:
             if self.consumer.arena.recovered:

@@ -24,7 +24,7 @@ The jobs
 2. **clipline** — the real system (:class:`clipline.stack.LocalStack`): Redis (an
    embedded Valkey, or ``--redis-url``), the GPU daemon (dynamic batching, the best
    available backend: ``--backend auto`` is TensorRT when installed, else CUDA graphs,
-   on a GPU; eager on a CPU) and ``W`` Celery prefork children that fetch, decode
+   on a GPU; channels_last on a CPU) and ``W`` Celery prefork children that fetch, decode
    sparsely (grab/retrieve) and write uint8 frames into shared memory.
 
 Both render every clip the same way (ffmpeg H.264/AAC, else OpenCV VP9): rendering is
@@ -39,9 +39,8 @@ every process), as a naive service does; ``--baseline-torch-threads N`` bounds t
 instead, to see how much of the difference is thread tuning alone. clipline runs ``W``
 single-threaded worker children plus one daemon whose torch threads are bounded by
 ``--daemon-threads`` (``Settings.torch_threads``); ``auto`` leaves the daemon's own
-default on a GPU and, when the device is the CPU that the workers decode on, gives the
-daemon the cores the workers leave, ``max(1, cores - W)``: more intra-op threads than
-free cores make every parallel region wait for a descheduled thread.
+default (``min(4, cores)`` intra-op threads that sleep when idle, ``OMP_WAIT_POLICY=
+PASSIVE``, so they take the cores only while the workers leave them free).
 
 Metrics, for each system, over the measured window (all jobs submitted at t0, window
 ends when the last job is terminal):
@@ -141,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--daemon-threads",
         default="auto",
-        help="clipline daemon torch threads: auto (CPU: max(1, cores - W)), 0 (its default), N",
+        help="clipline daemon torch threads: auto (the daemon's default), N",
     )
     parser.add_argument(
         "--baseline-torch-threads",
@@ -203,9 +202,7 @@ def daemon_threads(cfg: Config, workers: int) -> int:
     """``Settings.torch_threads`` for the clipline daemon (0: the daemon's own default)."""
     if cfg.daemon_threads != "auto":
         return max(0, int(cfg.daemon_threads))
-    if cfg.device_type == "cuda":
-        return 0
-    return max(1, cfg.cores - workers)
+    return 0
 
 
 def _cpu_name() -> str:
@@ -242,7 +239,9 @@ def _backend(requested: str, device_type: str) -> str:
     if requested != "auto":
         return requested
     if device_type != "cuda":
-        return "eager"
+        # compile is faster still but builds for minutes on a CPU; channels_last is the
+        # best backend that is ready at once (and falls back to eager if it fails).
+        return "channels_last"
     return "tensorrt" if importlib.util.find_spec("tensorrt") else "cudagraphs"
 
 

@@ -215,8 +215,11 @@ class _ClipConsumer(_Consumer):
 
         arena, sock, deployment = _paths(case)
         self.paths = (arena, sock)
+        from clipline.config import Settings
+
         layout = ArenaLayout(n_slots=case.window, slot_bytes=case.nbytes)
-        self.consumer = Consumer(arena, sock, layout, deployment)
+        spin_s = Settings.from_env().shm_spin_us / 1e6  # as the daemon is configured
+        self.consumer = Consumer(arena, sock, layout, deployment, spin_s=spin_s)
         self.lo, length = self.consumer.arena.base_address()
         self.hi = self.lo + length
         self.outside = 0

@@ -218,3 +218,23 @@ def test_arena_too_big_for_the_directory_fails_clearly(deployment: str, tmp_path
         assert not arena.exists()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_spinning_wait_sees_a_publish_without_its_wakeup(
+    deployment: str, names: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The consumer's spin phase reads the slot states, not just the wake-up socket."""
+    arena, _sock = names
+    consumer = Consumer(arena, names[1], LAYOUT, deployment, spin_s=0.5)
+    # A producer whose wake-up datagram goes nowhere: only the slot state changes.
+    producer = Producer(arena, tmp_path / "nobody-listens.sock")
+    try:
+        publish_one(producer, "job-spin", 3)
+        assert consumer.wait(1.0) is True
+        assert [d.job_id for d in consumer.peek_ready()] == ["job-spin"]
+        consumer.spin_s = 0.0
+        consumer.take(consumer.peek_ready())
+        assert consumer.wait(0.2) is False  # nothing READY, no datagram: times out
+    finally:
+        producer.close()
+        consumer.close()
