@@ -138,17 +138,32 @@ def _failure_summary(err: ClipError, job_id: str | None = None) -> dict[str, Any
 
 
 def _wait(store: Any, job_id: str, timeout_s: float, progress: bool) -> Any:
-    """Poll a job until it is terminal; print state changes when ``progress``."""
-    from workers.job import TERMINAL
+    """Poll a job until it is terminal; print its state changes when ``progress``.
 
-    start = time.monotonic()
-    last = None
+    A fast stage can begin and end between two polls. When a later state (or
+    success) shows that the job passed through states no poll saw, those are
+    printed too, timed from the job's own record, so the timeline is whole.
+    """
+    from workers.job import PROGRESSION, TERMINAL, JobState
+
+    wall0, start = time.time(), time.monotonic()
+    seen = -1  # index in PROGRESSION of the latest state printed
+    last: Any = None
     while True:
         job = store.get(job_id)
         if job is None:
             raise ClipError(ErrorCode.NOT_FOUND, f"no job {job_id!r} (expired or never existed)")
         if progress and job.state != last:
-            print(f"  [{time.monotonic() - start:6.2f} s] {job.state.value}", flush=True)
+            now = time.monotonic() - start
+            if job.state in PROGRESSION or job.state == JobState.SUCCEEDED:
+                done = job.state == JobState.SUCCEEDED
+                upto = len(PROGRESSION) if done else PROGRESSION.index(job.state)
+                for missed in PROGRESSION[seen + 1 : upto]:
+                    at = _entered(job, missed)
+                    t = now if at is None else min(max(at - wall0, 0.0), now)
+                    print(f"  [{t:6.2f} s] {missed.value}", flush=True)
+                seen = upto
+            print(f"  [{now:6.2f} s] {job.state.value}", flush=True)
             last = job.state
         if job.state in TERMINAL:
             return job
@@ -157,6 +172,33 @@ def _wait(store: Any, job_id: str, timeout_s: float, progress: bool) -> Any:
                 ErrorCode.TIMEOUT, f"job {job_id} did not finish within {timeout_s:.0f} s"
             )
         time.sleep(0.05)
+
+
+def _entered(job: Any, state: Any) -> float | None:
+    """Wall time at which ``job`` entered ``state``, reckoned from its record.
+
+    Stages run fetch -> decode -> render, with inference overlapping decode;
+    ``None`` when the record lacks what the reckoning needs.
+    """
+    from workers.job import JobState
+
+    t, began = job.timings, job.started_at
+    if state == JobState.QUEUED:
+        return float(job.created_at)
+    if began is None:
+        return None
+    fetch = t.get("fetch")
+    if state == JobState.FETCHING:
+        return float(began)
+    if fetch is None:
+        return None
+    if state == JobState.DECODING:
+        return float(began) + fetch
+    if state == JobState.INFERRING and "decode" in t:
+        return float(began) + fetch + t["decode"]
+    if state == JobState.RENDERING and "decode" in t:
+        return float(began) + fetch + max(t["decode"], t.get("inference", 0.0))
+    return None
 
 
 # ---------------------------------------------------------------------------

@@ -37,6 +37,14 @@ TERMINAL: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED, 
 ACTIVE: frozenset[JobState] = frozenset(
     {JobState.FETCHING, JobState.DECODING, JobState.INFERRING, JobState.RENDERING}
 )
+# The non-terminal states in the order a job moves through them.
+PROGRESSION: tuple[JobState, ...] = (
+    JobState.QUEUED,
+    JobState.FETCHING,
+    JobState.DECODING,
+    JobState.INFERRING,
+    JobState.RENDERING,
+)
 # Stages in order, as reported in timings.
 STAGES: tuple[str, ...] = ("fetch", "decode", "inference", "render")
 

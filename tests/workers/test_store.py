@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from clipline import constants
+from clipline.cli import _wait
 from clipline.config import Settings
 from workers.job import ACTIVE, JobSpec, JobState
 from workers.store import (
@@ -176,3 +177,38 @@ def test_cancel_drops_the_lease(store: JobStore) -> None:
 def test_holder_identity_names_this_process() -> None:
     host, pid, start = holder_identity().rsplit(":", 2)
     assert int(pid) == os.getpid() and start.isdigit() and host
+
+
+def test_progress_shows_states_passed_between_polls(
+    store: JobStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job that runs every stage before the first poll still prints each state in order."""
+    job_id, _ = store.create(spec())
+    assert store.claim(job_id, "L1", 30, 5)[0] == 1
+    timings = {"queued": 0.0, "fetch": 0.01}
+    assert store.advance(job_id, JobState.DECODING, "L1", timings=timings)
+    timings |= {"decode": 0.02}
+    assert store.advance(job_id, JobState.INFERRING, "L1", timings=timings)
+    timings |= {"inference": 0.05}
+    assert store.advance(job_id, JobState.RENDERING, "L1", timings=timings)
+    timings |= {"render": 0.01, "total": 0.1}
+    assert store.advance(job_id, JobState.SUCCEEDED, "L1", timings=timings)
+
+    job = _wait(store, job_id, 5.0, progress=True)
+    assert job.state == JobState.SUCCEEDED
+    lines = capsys.readouterr().out.splitlines()
+    states = [line.split("]")[1].strip() for line in lines]
+    assert states == ["queued", "fetching", "decoding", "inferring", "rendering", "succeeded"]
+    times = [float(line.split("[")[1].split("s]")[0]) for line in lines]
+    assert times == sorted(times)
+
+
+def test_progress_does_not_invent_states_for_a_failed_job(
+    store: JobStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id, _ = store.create(spec())
+    assert store.claim(job_id, "L1", 30, 5)[0] == 1
+    assert store.transition(job_id, ACTIVE, JobState.FAILED, lease="L1")
+    _wait(store, job_id, 5.0, progress=True)
+    states = [line.split("]")[1].strip() for line in capsys.readouterr().out.splitlines()]
+    assert states == ["failed"]
