@@ -256,6 +256,22 @@ class Engine:
             self.update(launched)
         return len(batch)
 
+    def run_until_idle(self, timeout_s: float = 60.0) -> int:
+        """Step until the arena holds no ready item; return the items run (tests, tools).
+
+        Unlike stopping at the first :meth:`step` that runs nothing, this waits while
+        the batcher holds items back for company (``max_queue_delay_ms``).
+        """
+        done, deadline = 0, time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            n = self.step()
+            done += n
+            if n == 0:
+                if not self.consumer.peek_ready():
+                    break
+                self.wait_for_work()
+        return done
+
     def wait_for_work(self) -> None:
         """Sleep on the producers' wake-up socket until work may be due."""
         timeout = self._next_due

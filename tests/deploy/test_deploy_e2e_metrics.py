@@ -344,6 +344,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         )  # fmt: skip
         summaries = [json.loads(out.stdout) if out.stdout.strip() else {"raw": out.stderr}]
         summaries += [api.wait(job, 240) for job in jobs]
+        # A second wave once every series exists and has been scraped: a series' first
+        # sample is only its baseline, so on a fast machine, where the first wave ends
+        # within a scrape or two, rates over the run would otherwise see no increase.
+        time.sleep(3)
+        wave = [api.submit(v, i, p) for (v, i), p in zip(media, ("high", "low"), strict=True)]
+        summaries += [api.wait(job, 240) for job in wave]
         deadline = time.monotonic() + 30
         while not received and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -236,8 +236,7 @@ def test_engine_batches_up_to_max_size_and_results_match_running_each_chunk_alon
     specs.append(ChunkSpec("job-a", -1, 2, SIZE, seed=10, kind=int(ChunkKind.REFS)))
     with engine(s, redis_client) as daemon:
         produce(s, specs)
-        while daemon.engine.step():
-            pass
+        daemon.engine.run_until_idle()
         assert daemon.consumer.arena.states()["free"] == s.shm_slots
         got = results(redis_client, s, "job-a", len(specs))
     by_chunk = {m["chunk"]: m for m in got}
@@ -285,8 +284,7 @@ def test_reference_chunks_skip_temporal_models_and_batch_padded(
         assert daemon.engine.pads_frames(ChunkKind.REFS)
         assert not daemon.engine.pads_frames(ChunkKind.FRAMES)
         produce(s, specs)
-        while daemon.engine.step():
-            pass
+        daemon.engine.run_until_idle()
         got = results(redis_client, s, "job-k", 3) + results(redis_client, s, "job-r", 1)
     frames = {m["chunk"]: m for m in got if m["kind"] == "frames"}
     refs = [m for m in got if m["kind"] == "refs"]
@@ -323,8 +321,7 @@ def test_a_failing_item_is_answered_with_the_error_and_its_batch_mates_still_run
     specs.append(ChunkSpec("job-f", 6, 2, SIZE, seed=6, dtype="float32"))  # unusable
     with engine(s, redis_client, [FeaturesModel(CPU), Fussy()]) as daemon:
         produce(s, specs)
-        while daemon.engine.step():
-            pass
+        daemon.engine.run_until_idle()
         assert daemon.consumer.arena.states()["free"] == s.shm_slots  # nothing wedged
         got = {m["chunk"]: m for m in results(redis_client, s, "job-f", 7)}
         assert daemon.engine.rejected == 1
@@ -381,8 +378,7 @@ def test_results_wait_for_redis_and_are_published_once_it_is_back(
         with engine(s, client) as daemon:
             produce(s, [ChunkSpec("job-r", i, FRAMES, SIZE, seed=i) for i in range(2)])
             server.stop()
-            while daemon.engine.step():  # the device does not wait for Redis
-                pass
+            daemon.engine.run_until_idle()  # the device does not wait for Redis
             time.sleep(0.5)
             assert daemon.publisher.published == 0 and not daemon.publisher.flush(0)
             again = ValkeyServer(port=port, host="127.0.0.1", save="", appendonly="no")

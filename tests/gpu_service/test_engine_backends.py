@@ -61,8 +61,7 @@ def _serve(settings: Settings, client: redis.Redis, job: str) -> list[dict[str, 
         proc.start()
         proc.join(60)
         assert proc.exitcode == 0
-        while daemon.engine.step():
-            pass
+        daemon.engine.run_until_idle()
         assert daemon.publisher.flush(30)
     finally:
         daemon.shutdown()
