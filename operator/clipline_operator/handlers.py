@@ -81,10 +81,12 @@ def seniority_priority(started: float, rnd: random.Random | None = None) -> int:
     """A peering priority that is higher for replicas started earlier.
 
     A new replica (rolling update, second replica) waits in standby until the older one
-    leaves; the random tail breaks ties between replicas started in the same second.
+    leaves. Start times count in milliseconds (two replicas a few hundred milliseconds
+    apart must not tie); the random tail breaks ties within one millisecond. The value
+    stays below 2**53, exact in any JSON reader.
     """
     tail = (rnd or random.Random()).randrange(100)
-    return (2_000_000_000 - int(started)) * 100 + tail
+    return (10_000_000_000_000 - int(started * 1000)) * 100 + tail
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ can run here; see ``op_helpers.Emulator``), and the handlers' error mapping."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 
 import kmock
@@ -109,6 +110,13 @@ def test_seniority_priority_prefers_older_replicas() -> None:
     older = handlers.seniority_priority(1_700_000_000.0)
     newer = handlers.seniority_priority(1_700_000_001.0)
     assert older > newer > 0
+    # Replicas started a few milliseconds apart (a second replica right after the first)
+    # never tie, whatever their random tails.
+    for seed in range(50):
+        a = handlers.seniority_priority(1_700_000_000.250, random.Random(seed))
+        b = handlers.seniority_priority(1_700_000_000.252, random.Random(seed + 1000))
+        assert a > b
+    assert 0 < handlers.seniority_priority(4_102_444_800.0) < 2**53  # the year 2100
 
 
 def test_options_from_env() -> None:
