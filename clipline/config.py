@@ -72,6 +72,9 @@ class Settings:
     # Workers.
     worker_concurrency: int = 2
     decode_segments: int = 2  # parallel segment readers per video (1: sequential)
+    # FFmpeg decoding threads per reader; 0: one per parallel reader (each reader is a
+    # thread of its own), OpenCV's default (one per core) when reading sequentially.
+    decode_threads: int = 0
     job_lease_s: float = 30.0  # a job whose worker died is recovered about this long after
     worker_metrics_port: int = 0
     scratch_dir: str = ""  # empty: <state_dir>/scratch

@@ -374,6 +374,21 @@ def _segments(settings: Settings, requested: int | None) -> int:
     return max(1, requested if requested is not None else settings.decode_segments)
 
 
+def _threads(settings: Settings, requested: int | None, parallel: bool) -> int | None:
+    """FFmpeg decoding threads per reader: ``requested``, else ``Settings.decode_threads``,
+    else one per parallel reader and OpenCV's default for a sequential one.
+
+    Parallel readers already occupy the cores; giving each FFmpeg's default of one
+    thread per core oversubscribes them (measured on 2 cores: two readers of 1 thread
+    each decoded MPEG-4 1.4x faster than two readers of 2 threads; see bench/README.md).
+    """
+    if requested is not None:
+        return requested or None
+    if settings.decode_threads > 0:
+        return settings.decode_threads
+    return 1 if parallel else None
+
+
 def sample_video(
     path: Path,
     settings: Settings,
@@ -386,27 +401,28 @@ def sample_video(
 
     ``segments`` (default ``Settings.decode_segments``, else 2) is the number of
     parallel readers to try; 1 reads sequentially. ``threads`` is FFmpeg's decoding
-    threads per reader (None: OpenCV's default).
+    threads per reader (default: see :func:`_threads`).
     """
-    cap: cv2.VideoCapture | None = open_capture(path, threads)
+    k = _segments(settings, segments)
+    cap: cv2.VideoCapture | None = open_capture(path, _threads(settings, threads, k > 1))
     readers: list[_Reader] = []
     try:
         assert cap is not None
         p = probe_video(cap, settings)
         step = sample_step(p.fps, settings.sample_fps)
         limits = _Limits(settings)
-        k = _segments(settings, segments)
         fallback: str | None = None
         if k > 1 and (not p.fps_known or p.declared < k * MIN_SEGMENT_FRAMES):
             fallback = "too short for parallel segments" if p.fps_known else "unknown fps"
             k = 1
         if k > 1:
-            outcome = _parallel(path, cap, p, settings, sink, step, k, limits, threads)
+            per_reader = _threads(settings, threads, True)
+            outcome = _parallel(path, cap, p, settings, sink, step, k, limits, per_reader)
             cap = None  # owned (and released) by the parallel reader
             if isinstance(outcome, VideoInfo):
                 return outcome
             fallback = outcome
-            cap = open_capture(path, threads)
+            cap = open_capture(path, _threads(settings, threads, False))
         reader = _Reader(cap, 0, None, 0)
         readers.append(reader)
         _read(reader, sink, step, p.fps, limits, None, None, False)

@@ -71,6 +71,26 @@ def test_parallel_segments_keep_exactly_the_sequential_frames(clips: Clips, segm
     assert seq[0].kept_indices[:4] == [0, 8, 16, 24]
 
 
+def test_decoding_threads_per_reader_follow_the_policy_and_never_change_frames(
+    ffclips: FfClips,
+) -> None:
+    """One FFmpeg thread per parallel reader by default; any thread count, same frames."""
+    auto, pinned = Settings(sample_fps=3.0), Settings(sample_fps=3.0, decode_threads=3)
+    assert decode._threads(auto, None, parallel=True) == 1
+    assert decode._threads(auto, None, parallel=False) is None  # OpenCV's default
+    assert decode._threads(pinned, None, parallel=True) == 3
+    assert decode._threads(pinned, 2, parallel=False) == 2
+    assert decode._threads(pinned, 0, parallel=True) is None
+    path = need(ffclips.h264)  # frame-threaded H.264 with B-frames reorders output
+    base = read(path, auto, 1)
+    for threads in (1, 2):
+        for segments in (1, 2):
+            sink = MemorySink(8, SIZE, SIZE)
+            info = decode.sample_video(path, auto, sink, segments=segments, threads=threads)
+            assert_same(base, (info, sink))
+    assert read(path, pinned, 2)[0].mode == "parallel"
+
+
 def test_parallel_on_h264_with_b_frames(ffclips: FfClips) -> None:
     path = need(ffclips.h264)
     settings = Settings(sample_fps=3.0)
