@@ -150,7 +150,7 @@ def deliver(url: str, body: bytes, event: str, settings: Settings) -> Delivery:
     timeout = httpx.Timeout(settings.callback_timeout_s, connect=settings.fetch_connect_timeout_s)
     try:
         with (
-            httpx.Client(timeout=timeout, follow_redirects=False) as client,
+            fetch.http_client(timeout) as client,
             client.stream(
                 "POST", target, content=body, headers=headers, extensions=extensions
             ) as resp,

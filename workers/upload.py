@@ -60,7 +60,7 @@ def _put_once(url: str, path: Path, settings: Settings, content_type: str) -> No
     timeout = httpx.Timeout(settings.fetch_read_timeout_s, connect=settings.fetch_connect_timeout_s)
     where = public_url(url)
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+        with fetch.http_client(timeout) as client:
             resp = client.put(target, content=_body(path), headers=headers, extensions=extensions)
     except httpx.TimeoutException as exc:
         msg = f"timed out uploading the clip to {where}"
