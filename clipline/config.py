@@ -58,7 +58,8 @@ class Settings:
     backend: str = "eager"
     weights_dir: str = ""
     model_backends: str = ""  # per-model override, e.g. "saliency:compile,embed:eager"
-    precision: str = "auto"  # auto (bf16 for non-eager backends on CUDA) | fp32 | bf16 | fp16
+    # auto: bf16 for non-eager backends on CUDA and on CPUs with native bf16 | fp32 | bf16 | fp16
+    precision: str = "auto"
     engine_cache_dir: str = ""  # compiled engines; empty: <state_dir>/engines
     saliency_size: str = ""  # HEIGHTxWIDTH; empty: 224x384 on CUDA, 64x64 on CPU
     saliency_anchors: int = 0  # clips per chunk; 0: 4 on CUDA, 1 on CPU

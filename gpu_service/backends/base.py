@@ -10,6 +10,7 @@ A *runner* is the accelerated callable; it always returns float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -94,12 +95,38 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(diff / scale)
 
 
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX).
+
+    Where it does, oneDNN's bf16 matmuls and convolutions run 2-4x faster than fp32
+    (measured on a Zen 4 EPYC: a ViT linear layer 3.9x, a 3D convolution 2.0x); where
+    it does not, bf16 is emulated and slower than fp32.
+    """
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
 def resolve_precision(requested: str, device: torch.device, backend: str) -> str:
-    """``auto`` is bf16 for the accelerated backends on CUDA and fp32 elsewhere."""
+    """``auto`` is bf16 for the accelerated backends on CUDA and on CPUs with native
+    bf16 (:func:`cpu_has_native_bf16`), fp32 elsewhere; eager is always fp32.
+
+    Every runner is checked against eager fp32 when it is built (:data:`REL_TOL`) and
+    falls back when it differs; ``fp32`` forces full precision.
+    """
     if backend == "eager":
         return "fp32"
     if requested in ("", "auto"):
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "bf16"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}; use auto or one of {PRECISIONS}")
     return requested

@@ -26,6 +26,7 @@ from gpu_service.backends import (
     build_runner,
     relative_error,
 )
+from gpu_service.backends.base import cpu_has_native_bf16, resolve_precision
 from gpu_service.backends.fusion import fold_batchnorm_
 from gpu_service.backends.onnx_export import export_copy, export_onnx, op_types
 from gpu_service.backends.tensorrt import engine_key, model_hash
@@ -142,6 +143,37 @@ def test_channels_last_vit_matches_eager(precision: str) -> None:
         out = runner(x)
         assert out.dtype == torch.float32
         assert relative_error(out, eager(x)) <= REL_TOL[precision]
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(tmp_path: Path) -> None:
+    """``auto``: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32; eager always fp32."""
+    native = tmp_path / "zen4"
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    plain = tmp_path / "older"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert cpu_has_native_bf16(str(native))
+    assert not cpu_has_native_bf16(str(plain))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
+    here = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert resolve_precision("auto", CPU, "channels_last") == here
+    assert resolve_precision("", CPU, "compile") == here
+    assert resolve_precision("auto", torch.device("cuda"), "channels_last") == "bf16"
+    assert resolve_precision("auto", CPU, "eager") == "fp32"
+    assert resolve_precision("bf16", CPU, "eager") == "fp32"
+    assert resolve_precision("fp32", CPU, "channels_last") == "fp32"
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("int4", CPU, "channels_last")
+
+
+def test_bf16_saliency_matches_eager_within_its_tolerance(saliency: SaliencyModel) -> None:
+    """What ``auto`` runs on a CPU with native bf16: TASED-Net in bf16, checked like the
+    daemon checks it (pooled over the unpooling windows)."""
+    runner = build_backend("channels_last", saliency.net, saliency.core_spec, CPU, "bf16")
+    assert runner.precision == "bf16"
+    x = torch.rand(2, *saliency.core_spec.sample_shape) * 2 - 1
+    out = runner(x)
+    assert out.dtype == torch.float32
+    assert saliency.core_spec.error(out, saliency.runner(x)) <= REL_TOL["bf16"]
 
 
 def test_chain_falls_back_to_compile_and_compile_matches_eager(

@@ -22,7 +22,7 @@ from clipline import constants
 from clipline.bench.daemon import ChunkSpec, publish_chunks
 from clipline.config import Settings
 from gpu_service import wire
-from gpu_service.backends import REL_TOL, relative_error
+from gpu_service.backends import REL_TOL, relative_error, resolve_precision
 from gpu_service.daemon import Daemon, build_models, model_backends
 
 CPU = torch.device("cpu")
@@ -76,12 +76,15 @@ def _serve(settings: Settings, client: redis.Redis, job: str) -> list[dict[str, 
 
 
 def _compare(got: list[dict[str, Any]], ref: list[dict[str, Any]], backend: str) -> None:
+    """Outputs agree with eager's within the tolerance of the precision ``auto`` chose
+    (bf16 on a CPU with native bf16, else fp32)."""
+    tol = REL_TOL[resolve_precision("auto", torch.device("cpu"), backend)]
     for a, b in zip(got, ref, strict=True):
         assert a["backends"]["saliency"] == backend and b["backends"]["saliency"] == "eager"
         for name in b["outputs"]:
             x = torch.from_numpy(wire.decode_array(a["outputs"][name]).copy())
             y = torch.from_numpy(wire.decode_array(b["outputs"][name]).copy())
-            assert relative_error(x, y) <= REL_TOL["fp32"], (backend, name)
+            assert relative_error(x, y) <= tol, (backend, name)
 
 
 @pytest.fixture(scope="module")
