@@ -354,6 +354,7 @@ class Daemon:
                 [f"{x.name}:{x.backend}:{int(x.trusted)}" for x in self.models]
                 + [f"{t.name}:eager:{int(t.weights_loaded)}" for t in self.text_models]
             ),
+            "precisions": ",".join(f"{x.name}:{x.precision}" for x in self.models),
             "arena": str(self.settings.arena_path),
             "host": socket.gethostname(),
             "threads": self.threads,

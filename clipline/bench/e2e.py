@@ -478,6 +478,7 @@ def run_clipline(cfg: Config, workers: int) -> RunStats:
         usage = sampler.stop()
         last = beats.stop(after=max(t_end, time.monotonic()))
         daemon_models = (client.hget(hb_key, "models") or b"").decode()
+        daemon_precisions = (client.hget(hb_key, "precisions") or b"").decode()
         daemon_torch = int(client.hget(hb_key, "threads") or 0)
     except BaseException:
         for name in ("gpu-daemon", "worker"):
@@ -527,6 +528,7 @@ def run_clipline(cfg: Config, workers: int) -> RunStats:
             "batches": int(batches),
             "mean_batch_items": round(items / batches, 2) if batches else 0.0,
             "models": daemon_models,  # name:backend:trusted, as the daemon reports them
+            "precisions": daemon_precisions,  # name:precision
             "daemon_torch_threads": daemon_torch,
             "redis": "external" if cfg.redis_url else "embedded (counted)",
         },

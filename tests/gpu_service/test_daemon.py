@@ -24,12 +24,14 @@ from typing import Any
 
 import pytest
 import redis
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from clipline import constants
 from clipline.bench.daemon import ChunkSpec, publish_chunks
 from clipline.config import Settings
 from gpu_service import wire
+from gpu_service.backends import resolve_precision
 
 SIZE = 32
 FRAMES = 8
@@ -249,12 +251,16 @@ def test_the_configured_backend_serves_the_neural_model_and_is_reported(
         CLIPLINE_MAX_BATCH_SIZE="2",
     ) as daemon:
         s = daemon.settings
-        hb = redis_client.hget(constants.daemon_heartbeat_key(s.deployment, s.node_name), "models")
+        hb_key = constants.daemon_heartbeat_key(s.deployment, s.node_name)
+        hb = redis_client.hget(hb_key, "models")
+        precisions = redis_client.hget(hb_key, "precisions")
         proc = produce(s, [ChunkSpec("job-s", 0, FRAMES, SIZE, seed=1)])
         (msg,) = collect(redis_client, s, "job-s", 1, timeout=120)
         proc.join(30)
         log = daemon.text()
     assert hb == b"features:eager:1,saliency:channels_last:0"
+    auto = resolve_precision("auto", torch.device("cpu"), "channels_last")
+    assert precisions == f"features:fp32,saliency:{auto}".encode()
     assert "model saliency: backend channels_last (requested channels_last)" in log
     assert msg["error"] is None
     assert msg["backends"] == {"features": "eager", "saliency": "channels_last"}
