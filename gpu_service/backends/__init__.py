@@ -83,6 +83,56 @@ def build_backend(
     return _BUILDERS[name](net, spec, resolve_precision(precision, device, name), device)
 
 
+def _build_checked(
+    name: str,
+    net: nn.Module,
+    spec: CoreSpec,
+    device: torch.device,
+    precision: str,
+    sample: torch.Tensor,
+    reference: torch.Tensor | None,
+    reasons: list[str],
+) -> Runner | None:
+    """Backend ``name`` at the resolved precision, checked against eager; None if unusable.
+
+    With ``auto`` precision a reduced-precision runner whose output is off by more than
+    its tolerance is retried in fp32 on the same backend: ``auto`` means the fastest
+    precision that passes the check, not a fall back to a slower backend.
+    """
+    first = resolve_precision(precision, device, name)
+    tries = [first]
+    if precision in ("", "auto") and first != "fp32":
+        tries.append("fp32")
+    for prec in tries:
+        try:
+            runner = _BUILDERS[name](net, spec, prec, device)
+        except BackendUnavailable as exc:
+            reasons.append(f"{name}: {exc}")
+            return None
+        except Exception as exc:  # a layer that will not convert, a compiler error, ...
+            log.debug("%s: backend %s failed", spec.name, name, exc_info=True)
+            reasons.append(f"{name} failed: {type(exc).__name__}: {exc}")
+            return None
+        if reference is None:
+            return runner
+        try:
+            err = spec.error(runner(sample), reference)
+        except BackendUnavailable as exc:
+            reasons.append(f"{name}: {exc}")
+            return None
+        except Exception as exc:
+            log.debug("%s: backend %s failed", spec.name, name, exc_info=True)
+            reasons.append(f"{name} failed: {type(exc).__name__}: {exc}")
+            return None
+        if err <= REL_TOL[prec]:
+            return runner
+        reasons.append(
+            f"{name}: output differs from eager: relative error {err:.2e} > "
+            f"{REL_TOL[prec]:.0e} ({prec})"
+        )
+    return None
+
+
 def build_runner(
     net: nn.Module,
     spec: CoreSpec,
@@ -100,29 +150,17 @@ def build_runner(
     reasons: list[str] = []
     eager = EagerRunner(net)
     with torch.inference_mode():
-        sample = spec.example(min(spec.buckets), device)
+        # A fixed sample: the same network gets the same backend and precision every time.
+        sample = spec.example(min(spec.buckets), device, torch.Generator().manual_seed(0))
         reference = eager(sample) if verify and requested != "eager" else None
     for name in chain:
         if name == "eager":
             runner: Runner = eager
         else:
-            prec = resolve_precision(precision, device, name)
-            try:
-                runner = _BUILDERS[name](net, spec, prec, device)
-                if reference is not None:
-                    err = spec.error(runner(sample), reference)
-                    if not err <= REL_TOL[prec]:
-                        raise BackendUnavailable(
-                            f"output differs from eager: relative error {err:.2e} > "
-                            f"{REL_TOL[prec]:.0e} ({prec})"
-                        )
-            except BackendUnavailable as exc:
-                reasons.append(f"{name}: {exc}")
+            built = _build_checked(name, net, spec, device, precision, sample, reference, reasons)
+            if built is None:
                 continue
-            except Exception as exc:  # a layer that will not convert, a compiler error, ...
-                log.debug("%s: backend %s failed", spec.name, name, exc_info=True)
-                reasons.append(f"{name} failed: {type(exc).__name__}: {exc}")
-                continue
+            runner = built
         why = f" (requested {requested}; " + "; ".join(reasons) + ")" if reasons else ""
         log.info("%s: using backend %s, %s%s", spec.name, runner.backend, runner.precision, why)
         return runner

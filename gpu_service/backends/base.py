@@ -59,9 +59,14 @@ class CoreSpec:
     #: when rounding flips a near-tied argmax: a local displacement, not an error.
     compare_pool: int = 1
 
-    def example(self, n: int, device: torch.device) -> torch.Tensor:
+    def example(
+        self, n: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``n`` representative items; drawn from ``generator`` (a CPU one) when given."""
         if self.make_input is not None:
             return self.make_input(n, device)
+        if generator is not None:
+            return torch.randn((n, *self.sample_shape), generator=generator).to(device)
         return torch.randn((n, *self.sample_shape), device=device)
 
     @property

@@ -26,6 +26,7 @@ from gpu_service.backends import (
     build_runner,
     relative_error,
 )
+from gpu_service.backends import base as backends_base
 from gpu_service.backends.base import cpu_has_native_bf16, resolve_precision
 from gpu_service.backends.fusion import fold_batchnorm_
 from gpu_service.backends.onnx_export import export_copy, export_onnx, op_types
@@ -170,10 +171,33 @@ def test_bf16_saliency_matches_eager_within_its_tolerance(saliency: SaliencyMode
     daemon checks it (pooled over the unpooling windows)."""
     runner = build_backend("channels_last", saliency.net, saliency.core_spec, CPU, "bf16")
     assert runner.precision == "bf16"
-    x = torch.rand(2, *saliency.core_spec.sample_shape) * 2 - 1
+    with seeded(5):
+        x = torch.rand(2, *saliency.core_spec.sample_shape) * 2 - 1
     out = runner(x)
     assert out.dtype == torch.float32
     assert saliency.core_spec.error(out, saliency.runner(x)) <= REL_TOL["bf16"]
+
+
+class Cancelling(nn.Module):
+    """Adds and removes a large constant: exact in fp32, ruined in bf16 (8-bit mantissa)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 256.0) - 256.0
+
+
+def test_auto_precision_retries_fp32_on_the_same_backend(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``auto`` resolving to bf16 whose output fails the check keeps the backend in fp32;
+    an explicit bf16 request falls back to eager instead."""
+    monkeypatch.setattr(backends_base, "cpu_has_native_bf16", lambda *a: True)
+    caplog.set_level("INFO")
+    spec = CoreSpec("cancel", (3, 4, 4), (1, 2), memory_format=torch.channels_last)
+    runner = build_runner(Cancelling().eval(), spec, CPU, "channels_last", "auto")
+    assert (runner.backend, runner.precision) == ("channels_last", "fp32")
+    assert "channels_last: output differs from eager" in caplog.text and "(bf16)" in caplog.text
+    pinned = build_runner(Cancelling().eval(), spec, CPU, "channels_last", "bf16")
+    assert pinned.backend == "eager"
 
 
 def test_chain_falls_back_to_compile_and_compile_matches_eager(
