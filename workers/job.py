@@ -34,9 +34,6 @@ class JobState(enum.StrEnum):
 
 
 TERMINAL: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-ACTIVE: frozenset[JobState] = frozenset(
-    {JobState.FETCHING, JobState.DECODING, JobState.INFERRING, JobState.RENDERING}
-)
 # The non-terminal states in the order a job moves through them.
 PROGRESSION: tuple[JobState, ...] = (
     JobState.QUEUED,
@@ -45,6 +42,8 @@ PROGRESSION: tuple[JobState, ...] = (
     JobState.INFERRING,
     JobState.RENDERING,
 )
+# The states a worker holds a job in (under a lease).
+ACTIVE: frozenset[JobState] = frozenset(PROGRESSION) - {JobState.QUEUED}
 # Stages in order, as reported in timings.
 STAGES: tuple[str, ...] = ("fetch", "decode", "inference", "render")
 
