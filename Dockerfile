@@ -47,11 +47,14 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY clipline_core ./clipline_core
 COPY clipline ./clipline
 COPY workers ./workers
 COPY gpu_service ./gpu_service
 COPY operator ./operator
-RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" . \
+COPY bench/clipline_bench ./bench/clipline_bench
+# One image serves every role (daemon, workers, API, operator): the extras of each.
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" "./[gpu,models,captions,operator]" \
     && clipline --help >/dev/null \
     && clipline-operator --help >/dev/null
 

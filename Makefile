@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PY_SOURCES := clipline workers gpu_service operator/clipline_operator tests bench
+PY_SOURCES := clipline_core clipline workers gpu_service operator/clipline_operator bench/clipline_bench tests
 
 # The demo uses the real sample media next to the repository when present,
 # otherwise fetches it (Debian's opencv-doc package) into .samples/.

@@ -60,7 +60,7 @@ grep -E "passed|failed|skipped|error|SKIPPED|FAILED" "$OUT_DIR/gpu_tests.log" | 
 [ "$test_rc" -eq 124 ] && echo "gpu tests: timed out after ${TEST_TIMEOUT}s"
 
 echo "== models benchmark (timeout ${BENCH_TIMEOUT}s)"
-timeout "$BENCH_TIMEOUT" "$PY" -m clipline.bench.models \
+timeout "$BENCH_TIMEOUT" "$PY" -m clipline_bench.models \
   --variants eager,channels_last:fp32,channels_last:bf16,compile:bf16,cudagraphs:bf16,tensorrt:bf16 \
   --out "$OUT_DIR/models.json" ${GPU_CHECK_BENCH_ARGS:-} 2> >(grep -v -i "warn" >&2)
 bench_rc=$?

@@ -31,22 +31,27 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from clipline import constants
-from clipline.config import Settings
-from clipline.errors import ClipError, ErrorCode
+from clipline_core import constants
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.settings import Settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-BENCHMARKS = {
-    "handoff": "clipline.bench.handoff",
-    "daemon": "clipline.bench.daemon",
-    "decode": "clipline.bench.decode",
-    "api": "clipline.bench.api",
-    "e2e": "clipline.bench.e2e",
-    "models": "clipline.bench.models",
-}
+
+def _benchmarks() -> dict[str, str]:
+    """Benchmark name -> module, from the ``clipline.benchmarks`` entry points.
+
+    The benchmarks live outside the runtime packages (``bench/clipline_bench``) and sit
+    above the CLI, so the CLI finds them by entry point instead of importing them.
+    """
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group="clipline.benchmarks")}
+
+
+BENCHMARKS = _benchmarks()
 
 
 # ---------------------------------------------------------------------------
@@ -105,8 +110,8 @@ def _connect(settings: Settings) -> tuple[Any, Any, Any]:
     """(redis client, JobStore, Celery app) for ``settings``."""
     import redis
 
+    from clipline_core.store import JobStore
     from workers.app import make_app
-    from workers.store import JobStore
 
     client = redis.Redis.from_url(settings.redis_url)
     return (
@@ -144,7 +149,7 @@ def _wait(store: Any, job_id: str, timeout_s: float, progress: bool) -> Any:
     success) shows that the job passed through states no poll saw, those are
     printed too, timed from the job's own record, so the timeline is whole.
     """
-    from workers.job import PROGRESSION, TERMINAL, JobState
+    from clipline_core.job import PROGRESSION, TERMINAL, JobState
 
     wall0, start = time.time(), time.monotonic()
     seen = -1  # index in PROGRESSION of the latest state printed
@@ -180,7 +185,7 @@ def _entered(job: Any, state: Any) -> float | None:
     Stages run fetch -> decode -> render, with inference overlapping decode;
     ``None`` when the record lacks what the reckoning needs.
     """
-    from workers.job import JobState
+    from clipline_core.job import JobState
 
     t, began = job.timings, job.started_at
     if state == JobState.QUEUED:
@@ -205,7 +210,7 @@ def _entered(job: Any, state: Any) -> float | None:
 # highlight
 # ---------------------------------------------------------------------------
 def cmd_highlight(args: argparse.Namespace) -> int:
-    from workers.job import JobSpec, JobState
+    from clipline_core.job import JobSpec, JobState
     from workers.submit import submit
 
     base = Settings.from_env()
@@ -348,7 +353,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from clipline.stack import pid_alive, read_state
+    from clipline.stack import read_state
+    from clipline_core.procs import pid_alive
 
     settings = Settings.from_env()
     state = read_state(settings)
@@ -381,7 +387,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from clipline.stack import pid_alive, read_state
+    from clipline.stack import read_state
+    from clipline_core.procs import pid_alive
 
     settings = Settings.from_env()
     state = read_state(settings)
@@ -534,21 +541,15 @@ def cmd_gpu_daemon(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    argv = [
-        "-A",
-        "workers.app",
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        str(args.concurrency or settings.worker_concurrency),
-        "--queues",
-        constants.queue_name(settings.deployment),
-        "--hostname",
+    from workers.app import worker_argv
+
+    argv = worker_argv(
+        settings,
+        args.concurrency or settings.worker_concurrency,
         f"{settings.deployment}-{settings.node_name}@%h",
         "--loglevel",
         args.loglevel,
-    ]
+    )
     os.execvp(sys.executable, [sys.executable, "-m", "celery", *argv])
 
 

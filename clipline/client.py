@@ -26,10 +26,9 @@ from typing import Any
 
 import httpx
 
-from clipline import constants
-from clipline.api import signing
-from clipline.api.schema import CallbackEvent, JobAccepted, JobView
-from workers.job import TERMINAL, JobState
+from clipline_core import constants, signing
+from clipline_core.job import TERMINAL, JobState
+from clipline_core.schema import CallbackEvent, JobAccepted, JobView
 
 __all__ = ["ApiError", "Client", "verify_callback"]
 
@@ -236,7 +235,7 @@ def verify_callback(
 ) -> CallbackEvent:
     """Check a callback's ``Clipline-Signature`` and parse its body.
 
-    Raises :class:`clipline.api.signing.SignatureError` if the signature is missing,
+    Raises :class:`clipline_core.signing.SignatureError` if the signature is missing,
     stale (outside ``tolerance_s``) or wrong.
     """
     signing.verify(secret, body, signature_header, tolerance_s, now)

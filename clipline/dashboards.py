@@ -1,6 +1,6 @@
 """Grafana dashboards and Prometheus alert rules, generated as code.
 
-Every PromQL expression here is built from :class:`clipline.constants.Metric` and the
+Every PromQL expression here is built from :class:`clipline_core.constants.Metric` and the
 label-name constants, the same names the exporters register, so renaming a metric changes
 the generated files and the check in the test suite fails until they are regenerated.
 
@@ -31,6 +31,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from clipline.constants import (
+from clipline_core.constants import (
     CRD_GROUP,
     CRD_PLURAL,
     LABEL_BACKEND,
@@ -58,9 +59,24 @@ from clipline.constants import (
     PROJECT,
     Metric,
 )
-from workers.job import JobState
+from clipline_core.job import JobState
 
-CHART_DIR = Path(__file__).resolve().parents[1] / "charts" / PROJECT
+
+def find_chart_dir() -> Path:
+    """The chart these files belong to: ``CLIPLINE_CHART_DIR``, else ``charts/clipline``
+    under the working directory, else beside this source checkout (an installed package
+    has no chart beside it, so ``--chart`` or the working directory must say where)."""
+    env = os.environ.get("CLIPLINE_CHART_DIR")
+    if env:
+        return Path(env).resolve()
+    candidates = [
+        Path.cwd() / "charts" / PROJECT,
+        Path(__file__).resolve().parents[1] / "charts" / PROJECT,
+    ]
+    return next((c for c in candidates if (c / "Chart.yaml").is_file()), candidates[0])
+
+
+CHART_DIR = find_chart_dir()
 DASHBOARD_DIR = CHART_DIR / "dashboards"
 RULES_FILE = CHART_DIR / "rules" / f"{PROJECT}.rules.yaml"
 VALUES_FILE = CHART_DIR / "values.yaml"
@@ -999,7 +1015,8 @@ def write_files() -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clipline.dashboards",
-        description="Generate clipline's Grafana dashboards, alert rules and values schema.",
+        description="Generate clipline's Grafana dashboards, alert rules and values schema "
+        f"into the chart at {CHART_DIR} (CLIPLINE_CHART_DIR overrides).",
     )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="write the files into the chart")

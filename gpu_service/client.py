@@ -2,13 +2,13 @@
 
 A worker process holds one :class:`GpuClient` (create it in the process that uses it;
 its producer attaches lazily and reattaches by itself after a fork or a daemon
-restart). For a job it opens a :class:`ChunkWriter`, which reserves shared-memory
-slots and lets the decoder write frames straight into them, publishing each full chunk
-of ``frames_per_chunk`` frames as soon as it is full (so the daemon starts on a job's
-first chunk while the rest is still decoding). Product images travel the same way as
-one ``refs`` chunk. Results come back on the job's Redis list;
+restart). For a job the worker's :class:`workers.preprocess.SlotSink` reserves
+shared-memory slots through :attr:`GpuClient.producer` and lets the decoder write frames
+straight into them, publishing each full chunk as soon as it is full (so the daemon
+starts on a job's first chunk while the rest is still decoding). Product images travel
+the same way as one ``refs`` chunk. Results come back on the job's Redis list;
 :meth:`GpuClient.collect` waits for exactly the chunks that were published, for this
-attempt only.
+generation only.
 
 Captions: :meth:`GpuClient.request_caption` pushes a small caption request onto the
 deployment's Redis list (never the arena; see :mod:`gpu_service.captions`), but only
@@ -27,13 +27,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from clipline import constants
-from clipline.config import Settings
-from clipline.errors import ClipError, ErrorCode
+from clipline_core import constants
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.settings import Settings
 from gpu_service import wire
-from gpu_service.shm import ChunkKind, Producer, SlotLease
+from gpu_service.shm import Producer
 
 log = logging.getLogger("clipline.worker")
 
@@ -58,9 +56,6 @@ class GpuClient:
         """Give back slots still being written and detach from the arena."""
         self.producer.close()
 
-    def writer(self, job_id: str, attempt: int, priority: int, arrival: float) -> ChunkWriter:
-        return ChunkWriter(self, job_id, attempt, priority, arrival)
-
     # -- captions ----------------------------------------------------------------
     def copywriter_ready(self) -> bool:
         """Whether this node's daemon advertises a copywriter with real weights."""
@@ -73,7 +68,7 @@ class GpuClient:
         return trusted
 
     def request_caption(
-        self, job_id: str, attempt: int, title: str, description: str, priority: int
+        self, job_id: str, generation: int, title: str, description: str, priority: int
     ) -> bool:
         """Ask the daemon for a caption if it can write one; True if a request was sent.
 
@@ -86,7 +81,7 @@ class GpuClient:
         ttl_s = max(s.inference_timeout_s, s.job_time_limit_s, s.job_soft_time_limit_s, 60.0)
         req = wire.CaptionRequest.make(
             job_id=job_id,
-            attempt=attempt,
+            generation=generation,
             title=title,
             description=description,
             priority=priority,
@@ -104,15 +99,15 @@ class GpuClient:
     def collect(
         self,
         job_id: str,
-        attempt: int,
+        generation: int,
         expected: int,
         timeout_s: float,
         heartbeat: Callable[[], None] | None = None,
-        caption_attempt: int | None = None,
+        caption_generation: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Wait for ``expected`` results of this attempt; raise ``gpu_unavailable`` on timeout.
+        """Wait for ``expected`` results of this generation; raise ``gpu_unavailable`` on timeout.
 
-        With ``caption_attempt`` (the ``attempt`` a caption request was sent with), also
+        With ``caption_generation`` (the ``generation`` a caption request was sent with), also
         wait for that caption's answer, at most ``caption_grace_s`` after the last
         result; when it comes (even with an error) it is the last item returned.
         """
@@ -121,7 +116,7 @@ class GpuClient:
         got: dict[int, dict[str, Any]] = {}
         caption: dict[str, Any] | None = None
         caption_until: float | None = None
-        while len(got) < expected or (caption_attempt is not None and caption is None):
+        while len(got) < expected or (caption_generation is not None and caption is None):
             now = time.monotonic()
             if len(got) >= expected:  # only the caption is missing
                 if caption_until is None:
@@ -138,7 +133,7 @@ class GpuClient:
             else:
                 remaining = deadline - now
             if remaining <= 0:
-                self.producer.withdraw(job_id, attempt)
+                self.producer.withdraw(job_id, generation)
                 raise ClipError(
                     ErrorCode.GPU_UNAVAILABLE,
                     f"the GPU daemon returned {len(got)} of {expected} results "
@@ -153,14 +148,14 @@ class GpuClient:
                 continue
             msg = json.loads(item[1])
             if msg.get("kind") == wire.CAPTION_KIND:
-                if caption_attempt is None or msg.get("attempt") != caption_attempt:
-                    continue  # not asked for, or for an earlier attempt
+                if caption_generation is None or msg.get("generation") != caption_generation:
+                    continue  # not asked for, or for an earlier generation
                 if msg.get("error"):
                     log.warning("job %s: the caption failed: %s", job_id, msg["error"])
                 caption = msg
                 continue
-            if msg.get("attempt") != attempt:
-                continue  # a late answer for an earlier attempt
+            if msg.get("generation") != generation:
+                continue  # a late answer for an earlier generation
             if msg.get("error"):
                 raise ClipError(
                     ErrorCode.INTERNAL,
@@ -173,90 +168,3 @@ class GpuClient:
         if caption is not None:
             out.append(caption)
         return out
-
-
-class ChunkWriter:
-    """A :class:`workers.decode.FrameSink` that fills and publishes shared-memory chunks."""
-
-    def __init__(
-        self, client: GpuClient, job_id: str, attempt: int, priority: int, arrival: float
-    ) -> None:
-        self.client = client
-        self.job_id = job_id
-        self.attempt = attempt
-        self.priority = priority
-        self.arrival = arrival
-        self.frames, self.height, self.width = client.frame_spec()
-        self._lease: SlotLease | None = None
-        self._array: np.ndarray | None = None
-        self._fill = 0
-        self.chunks = 0  # frame chunks published
-        self.published = 0  # all items published (frames + refs)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.height, self.width
-
-    # FrameSink -------------------------------------------------------------
-    def frame_buffer(self) -> np.ndarray:
-        if self._lease is None:
-            self._lease = self.client.producer.reserve()
-            self._array = self._lease.array((self.frames, self.height, self.width, 3))
-            self._fill = 0
-        assert self._array is not None
-        return self._array[self._fill]
-
-    def commit(self, timestamp_s: float) -> None:
-        self._fill += 1
-        if self._fill == self.frames:
-            self._publish_frames()
-
-    def _publish_frames(self) -> None:
-        lease = self._lease
-        if lease is None or self._fill == 0:
-            return
-        fill = self._fill
-        self._lease = None
-        self._array = None
-        self._fill = 0
-        try:
-            lease.publish(
-                job_id=self.job_id,
-                shape=(fill, self.height, self.width, 3),
-                chunk=self.chunks,
-                priority=self.priority,
-                arrival=self.arrival,
-                attempt=self.attempt,
-                kind=ChunkKind.FRAMES,
-            )
-        finally:
-            lease.abort()  # no-op once published; frees the slot if publishing failed
-        self.chunks += 1
-        self.published += 1
-
-    def flush(self) -> None:
-        """Publish the last, partly filled chunk."""
-        self._publish_frames()
-
-    # References --------------------------------------------------------------
-    def publish_refs(self, fill: Callable[[np.ndarray], int]) -> None:
-        """Reserve a slot, let ``fill`` write up to ``frames`` images, publish them."""
-        with self.client.producer.reserve() as lease:
-            arr = lease.array((self.frames, self.height, self.width, 3))
-            n = fill(arr)
-            lease.publish(
-                job_id=self.job_id,
-                shape=(n, self.height, self.width, 3),
-                chunk=-1,
-                priority=self.priority,
-                arrival=self.arrival,
-                attempt=self.attempt,
-                kind=ChunkKind.REFS,
-            )
-        self.published += 1
-
-    def abort(self) -> None:
-        if self._lease is not None:
-            self._lease.abort()
-            self._lease = None
-            self._array = None

@@ -46,9 +46,9 @@ from typing import Any
 
 import torch
 
-from clipline import constants
-from clipline import metrics as m
-from clipline.config import Settings
+from clipline_core import constants
+from clipline_core import metrics as m
+from clipline_core.settings import Settings
 from gpu_service import models as registry
 from gpu_service.backends import BACKENDS, buckets_up_to
 from gpu_service.batcher import BatchPolicy
@@ -242,7 +242,7 @@ class Daemon:
         self.exit_code = 0
         self._fatal = False
         if settings.daemon_metrics_port:
-            from clipline import httpserve
+            from clipline_core import httpserve
 
             self._http = httpserve.serve(settings.daemon_metrics_port, self.ready, live=self.live)
         self.models = models if models is not None else build_models(settings, self.device)

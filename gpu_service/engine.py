@@ -345,7 +345,7 @@ def _synthetic(kind: ChunkKind, i: int, shape: tuple[int, ...]) -> Descriptor:
         seq=0,
         kind=kind,
         job_id="warmup",
-        attempt=0,
+        generation=0,
         chunk=i,
         priority=0,
         arrival=0.0,

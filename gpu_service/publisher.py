@@ -23,8 +23,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from clipline import constants
-from clipline import metrics as m
+from clipline_core import constants
+from clipline_core import metrics as m
 from gpu_service import wire
 from gpu_service.executor import Completed
 from gpu_service.shm import Descriptor
@@ -254,7 +254,7 @@ class ResultPublisher:
         for d, reason in entry.items:
             msg = wire.result_message(
                 job_id=d.job_id,
-                attempt=d.attempt,
+                generation=d.generation,
                 chunk=d.chunk,
                 kind=d.kind.name.lower(),
                 frames=int(d.shape[0]) if d.shape else 0,
@@ -289,7 +289,7 @@ class ResultPublisher:
                 m.QUEUE_WAIT.observe(wait)
                 msg = wire.result_message(
                     job_id=d.job_id,
-                    attempt=d.attempt,
+                    generation=d.generation,
                     chunk=d.chunk,
                     kind=d.kind.name.lower(),
                     frames=t,

@@ -6,7 +6,7 @@ Layout of the arena file (``<shm_dir>/clipline-<deployment>.arena``, mode 0600):
       to page | slot 0 | slot 1 | ... ]
 
 Each data slot is a page-aligned, fixed-size region. The slot table holds, per slot, the
-descriptor of what it carries (shape, dtype, job id, attempt, chunk, priority class,
+descriptor of what it carries (shape, dtype, job id, generation, chunk, priority class,
 request arrival time, publish time); the states sit together in the header page so a
 scan of every slot is one ``bytes.find``. A slot moves through::
 
@@ -138,9 +138,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from clipline import constants
-from clipline import metrics as m
-from clipline.errors import ClipError, ErrorCode
+from clipline_core import constants
+from clipline_core import metrics as m
+from clipline_core.errors import ClipError, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ MAX_SLOTS = HEADER_BYTES - _STATES_AT
 # One slot record, little-endian (the first 176 of its 256 bytes are used; the slot's
 # state is not here but in the header's state bytes):
 #   0 unused u32 | 4 owner i32 | 8 seq u64 | 16 reserved_at f64 | 24 recoveries u32 | 28 pad
-#  32 kind u32 | 36 priority i32 | 40 chunk i32 | 44 attempt u32 | 48 arrival f64
+#  32 kind u32 | 36 priority i32 | 40 chunk i32 | 44 generation u32 | 48 arrival f64
 #  56 published_at f64 | 64 nbytes u64 | 72 ndim u32 | 76 dtype u32 | 80 shape 6 x i64
 # 128 job_id 48 bytes
 # Offsets 32..176 are the descriptor a producer publishes in one ``pack_into``.
@@ -287,7 +287,7 @@ class Descriptor(NamedTuple):
     seq: int
     kind: ChunkKind
     job_id: str
-    attempt: int
+    generation: int
     chunk: int
     priority: int
     arrival: float
@@ -779,7 +779,7 @@ class SlotLease:
         chunk: int = 0,
         priority: int = 1,
         arrival: float | None = None,
-        attempt: int = 1,
+        generation: int = 1,
         kind: ChunkKind = ChunkKind.FRAMES,
     ) -> None:
         """Hand the slot's first ``prod(shape)`` elements to the consumer.
@@ -817,7 +817,7 @@ class SlotLease:
             int(kind),
             priority,
             chunk,
-            attempt,
+            generation,
             time.time() if arrival is None else arrival,
             time.monotonic(),
             *fields,  # nbytes, ndim, dtype code, padded shape
@@ -971,7 +971,7 @@ class Producer:
                         self._sock.close()
                     self._sock = None
 
-    def withdraw(self, job_id: str, attempt: int | None = None) -> int:
+    def withdraw(self, job_id: str, generation: int | None = None) -> int:
         """Take back READY slots of ``job_id`` the daemon has not consumed yet.
 
         Returns how many were withdrawn; 0 when the arena is gone (nothing to take back).
@@ -984,7 +984,7 @@ class Producer:
                 return 0
             for i in _indices(arena._scan(), _READY):
                 d = arena.descriptor(i)
-                if d is None or d.job_id != job_id or attempt not in (None, d.attempt):
+                if d is None or d.job_id != job_id or generation not in (None, d.generation):
                     continue
                 if i in arena._leases or not arena._try_lock(i):
                     continue
@@ -994,7 +994,7 @@ class Producer:
                         arena.state(i) == _READY
                         and d is not None
                         and d.job_id == job_id
-                        and (attempt is None or d.attempt == attempt)
+                        and (generation is None or d.generation == generation)
                     ):
                         arena._set_state(i, _FREE)
                         count += 1

@@ -3,7 +3,7 @@
 One JSON object per processed item, pushed onto the job's Redis list
 (``constants.results_key(deployment, job_id)``)::
 
-    {"job_id", "attempt", "chunk", "kind": "frames"|"refs", "frames": T,
+    {"job_id", "generation", "chunk", "kind": "frames"|"refs", "frames": T,
      "outputs": {"<model>.<output>": {"shape": [...], "b64": <float32 bytes>}},
      "trusted": {"<model>": bool}, "backends": {"<model>": "<backend>"},
      "device", "queue_wait_s", "inference_s", "latency_s", "batch", "batch_seq",
@@ -19,12 +19,12 @@ order). An item the daemon could not process carries ``error`` and empty ``outpu
 workers fail the job with that reason. Readers must ignore fields they do not know.
 
 Captions. A worker asks for a highlight caption by pushing one :class:`CaptionRequest`
-(JSON ``{"job_id", "attempt", "title", "description", "priority", "requested_at",
+(JSON ``{"job_id", "generation", "title", "description", "priority", "requested_at",
 "expires_at"}``, times in epoch seconds) onto ``constants.caption_requests_key``; see
 :mod:`gpu_service.captions`. The daemon answers on the same results list with one
 more message of ``kind`` ``"caption"``: the fields above with ``chunk`` =
 ``CAPTION_CHUNK`` (-2), ``frames`` 0, empty ``outputs``, ``trusted`` =
-``{"copywriter": bool}``, plus ``"caption": null | "<one line>"``. ``attempt`` echoes
+``{"copywriter": bool}``, plus ``"caption": null | "<one line>"``. ``generation`` echoes
 the request's. ``error`` set means this caption failed (the job does not: it finishes
 without a caption); ``caption`` null without an error means the model had nothing to
 say. ``queue_wait_s`` and ``latency_s`` count from ``requested_at``, ``batch`` is the
@@ -45,7 +45,7 @@ import numpy as np
 #: the message fields every reader may rely on
 REQUIRED_FIELDS: tuple[str, ...] = (
     "job_id",
-    "attempt",
+    "generation",
     "chunk",
     "kind",
     "frames",
@@ -75,7 +75,7 @@ def decode_array(d: dict[str, Any]) -> np.ndarray:
 def result_message(
     *,
     job_id: str,
-    attempt: int,
+    generation: int,
     chunk: int,
     kind: str,
     frames: int,
@@ -94,7 +94,7 @@ def result_message(
     return {
         "error": error,
         "job_id": job_id,
-        "attempt": attempt,
+        "generation": generation,
         "chunk": chunk,
         "kind": kind,
         "frames": frames,
@@ -136,7 +136,7 @@ class CaptionRequest:
     """One job's request for a caption (what a worker pushes; see the module docstring)."""
 
     job_id: str
-    attempt: int
+    generation: int
     title: str
     description: str = ""
     priority: int = 1
@@ -148,7 +148,7 @@ class CaptionRequest:
         cls,
         *,
         job_id: str,
-        attempt: int,
+        generation: int,
         title: str,
         description: str,
         priority: int,
@@ -158,7 +158,7 @@ class CaptionRequest:
         """A request with its texts normalised and cut, expiring ``ttl_s`` after ``now``."""
         return cls(
             job_id=job_id,
-            attempt=attempt,
+            generation=generation,
             title=_squash(title, MAX_REQUEST_TITLE_CHARS),
             description=_squash(description, MAX_REQUEST_DESCRIPTION_CHARS),
             priority=priority,
@@ -181,7 +181,7 @@ class CaptionRequest:
         try:
             req = cls(
                 job_id=data["job_id"],
-                attempt=data["attempt"],
+                generation=data["generation"],
                 title=data.get("title", ""),
                 description=data.get("description", ""),
                 priority=data.get("priority", 1),
@@ -192,8 +192,8 @@ class CaptionRequest:
             raise ValueError(f"invalid caption request: {exc!r}") from None
         if not isinstance(req.job_id, str) or not req.job_id:
             raise ValueError("invalid caption request: job_id must be a non-empty string")
-        if not isinstance(req.attempt, int) or not isinstance(req.priority, int):
-            raise ValueError("invalid caption request: attempt and priority must be integers")
+        if not isinstance(req.generation, int) or not isinstance(req.priority, int):
+            raise ValueError("invalid caption request: generation and priority must be integers")
         if not isinstance(req.title, str) or not isinstance(req.description, str):
             raise ValueError("invalid caption request: title and description must be strings")
         return req
@@ -217,7 +217,7 @@ def caption_message(
     return {
         "error": error,
         "job_id": request.job_id,
-        "attempt": request.attempt,
+        "generation": request.generation,
         "chunk": CAPTION_CHUNK,
         "kind": CAPTION_KIND,
         "frames": 0,

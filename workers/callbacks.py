@@ -11,7 +11,7 @@ HTTP POST happens in whichever pool child takes the task (the job queue's top pr
 so callbacks do not wait behind a backlog of jobs).
 
 :func:`deliver` POSTs the exact body bytes with ``Clipline-Signature: t=…,v1=…``
-(:mod:`clipline.api.signing`) and ``Clipline-Event-Id``. The callback URL passes the
+(:mod:`clipline_core.signing`) and ``Clipline-Event-Id``. The callback URL passes the
 fetch stage's SSRF rules (:func:`workers.fetch.check_url`) on every attempt, the
 connection goes to the checked address, redirects are not followed, and the
 receiver's answer body is never read. A 2xx answer is success; anything else
@@ -30,7 +30,6 @@ itself stays readable through the API).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import logging
 import random
@@ -39,19 +38,16 @@ import urllib.parse
 from typing import Any
 
 import httpx
-from celery import Celery, Task
+from celery import Celery, Task, shared_task
 from prometheus_client import Counter
 
-from clipline import constants
-from clipline.api import signing
-from clipline.api.schema import EVENT_FOR_STATE, CallbackEvent, job_view
-from clipline.config import Settings
-from clipline.errors import ClipError, ErrorCode
+from clipline_core import constants, signing
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.job import Job
+from clipline_core.schema import EVENT_FOR_STATE, CallbackEvent, job_view
+from clipline_core.settings import Settings
+from clipline_core.store import JobStore
 from workers import fetch
-from workers.app import app
-from workers.app import make_app as _make_app
-from workers.job import Job
-from workers.store import JobStore
 
 log = logging.getLogger("clipline.callbacks")
 
@@ -79,15 +75,7 @@ def make_event(job: Job, deployment: str, created: float | None = None) -> Callb
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _app_for(settings: Settings) -> Celery:
-    current: Settings = app.conf.clipline_settings
-    if (current.redis_url, current.deployment) == (settings.redis_url, settings.deployment):
-        return app
-    return _make_app(settings)
-
-
-def notify(settings: Settings, store: JobStore, job_id: str, celery: Celery | None = None) -> bool:
+def notify(settings: Settings, store: JobStore, job_id: str, celery: Celery) -> bool:
     """Enqueue the callback of a job that just became terminal; never raises.
 
     Returns True when a delivery was enqueued (the job has a callback URL).
@@ -97,7 +85,7 @@ def notify(settings: Settings, store: JobStore, job_id: str, celery: Celery | No
         if job is None or job.state not in EVENT_FOR_STATE or not job.spec.callback_url:
             return False
         event = make_event(job, settings.deployment)
-        (celery or _app_for(settings)).send_task(
+        celery.send_task(
             constants.CELERY_TASK_DELIVER_CALLBACK,
             args=[job.id, job.spec.callback_url, event.model_dump_json(), event.id],
             queue=constants.queue_name(settings.deployment),
@@ -169,7 +157,7 @@ def backoff_s(attempt: int, settings: Settings) -> float:
     return min(settings.callback_backoff_max_s, base) * random.uniform(0.9, 1.1)
 
 
-@app.task(
+@shared_task(
     name=constants.CELERY_TASK_DELIVER_CALLBACK,
     bind=True,
     max_retries=None,
@@ -177,7 +165,7 @@ def backoff_s(attempt: int, settings: Settings) -> float:
     acks_late=True,
 )
 def deliver_callback(self: Task, job_id: str, url: str, body: str, event: str) -> str:
-    settings: Settings = app.conf.clipline_settings
+    settings: Settings = self.app.conf.clipline_settings
     attempt = int(self.request.retries) + 1
     result = deliver(url, body.encode(), event, settings)
     where = redacted(url)

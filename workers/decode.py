@@ -51,9 +51,9 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from clipline import metrics as m
-from clipline.config import Settings
-from clipline.errors import ClipError, ErrorCode
+from clipline_core import metrics as m
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.settings import Settings
 from workers.preprocess import into
 
 log = logging.getLogger("clipline.worker")

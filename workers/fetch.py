@@ -31,8 +31,8 @@ from typing import Any
 
 import httpx
 
-from clipline.config import Settings
-from clipline.errors import ClipError, ErrorCode
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.settings import Settings
 
 _METADATA_HOSTS = {"metadata.google.internal", "metadata", "instance-data"}
 _METADATA_IPS = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}

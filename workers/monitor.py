@@ -17,7 +17,7 @@ Housekeeping, every :data:`INTERVAL_S` seconds in the main process
 * queue depth per priority class (``clipline_queue_depth{priority}``);
 * the lease sweeper: jobs whose worker died come back to the queue, or fail with
   ``timeout`` when their attempt ran past the hard time limit
-  (:meth:`workers.store.JobStore.expire_leases`);
+  (:meth:`clipline_core.store.JobStore.expire_leases`);
 * scratch directories whose owning process died (a SIGKILLed child) are removed;
 * metrics files of dead children are dropped.
 """
@@ -36,8 +36,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from clipline import constants
-from clipline.config import Settings
+from clipline_core import constants
+from clipline_core.settings import Settings
 
 log = logging.getLogger("clipline.worker")
 
@@ -143,7 +143,7 @@ def serve_metrics(port: int, path: Path | None) -> Any:
     """Serve ``/metrics`` (all processes of this worker), ``/healthz`` and ``/readyz``."""
     from prometheus_client import CollectorRegistry
 
-    from clipline import httpserve
+    from clipline_core import httpserve
 
     if path is None:
         return httpserve.serve(port)  # this process's own registry
@@ -153,7 +153,7 @@ def serve_metrics(port: int, path: Path | None) -> Any:
 
 
 def _scratch_owner_dead(d: Path) -> bool:
-    from workers.store import holder_is_dead
+    from clipline_core.store import holder_is_dead
 
     try:
         owner = (d / "owner").read_text().strip()
@@ -183,7 +183,7 @@ class Monitor:
     def __init__(self, app: Any, settings: Settings, metrics_dir: Path | None) -> None:
         import redis
 
-        from workers.store import JobStore
+        from clipline_core.store import JobStore
 
         self.app = app
         self.settings = settings
@@ -202,7 +202,7 @@ class Monitor:
                 log.warning("worker housekeeping step %s failed", step.__name__, exc_info=True)
 
     def update_queue_depth(self) -> dict[str, int]:
-        from clipline import metrics as m
+        from clipline_core import metrics as m
         from workers.submit import queue_depths_redis
 
         depths = queue_depths_redis(self.redis, self.settings.deployment)
@@ -212,9 +212,9 @@ class Monitor:
 
     def recover(self) -> list[str]:
         """Requeue jobs whose worker died; fail those past the hard time limit."""
-        from clipline import metrics as m
-        from clipline.constants import PriorityClass
-        from clipline.errors import ClipError, ErrorCode
+        from clipline_core import metrics as m
+        from clipline_core.constants import PriorityClass
+        from clipline_core.errors import ClipError, ErrorCode
 
         err = ClipError(
             ErrorCode.TIMEOUT,
@@ -237,7 +237,7 @@ class Monitor:
                 log.warning("job %s lost its worker; queued it again", e.job_id)
             else:
                 m.JOBS.labels("failed", ErrorCode.TIMEOUT.value).inc()
-                notify_terminal(self.settings, self.store, e.job_id)
+                notify_terminal(self.settings, self.store, e.job_id, self.app)
                 log.warning("job %s ran past its time limit; failed it", e.job_id)
             done.append(e.job_id)
         return done
@@ -248,12 +248,12 @@ class Monitor:
             drop_dead_gauges(self.metrics_dir)
 
 
-def notify_terminal(settings: Settings, store: Any, job_id: str) -> None:
+def notify_terminal(settings: Settings, store: Any, job_id: str, celery: Any) -> None:
     """Fire the job's completion callback (if it has one); never raises."""
     try:
         from workers import callbacks
 
-        callbacks.notify(settings, store, job_id)
+        callbacks.notify(settings, store, job_id, celery)
     except Exception:
         log.warning("completion callback of job %s not sent", job_id, exc_info=True)
 

@@ -38,15 +38,16 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from clipline import metrics as m
-from clipline.config import Settings
-from clipline.constants import PriorityClass
-from clipline.errors import ClipError, ErrorCode
+from clipline_core import metrics as m
+from clipline_core.constants import PriorityClass
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.job import ACTIVE, JobSpec, JobState
+from clipline_core.settings import Settings
+from clipline_core.store import JobStore, holder_identity, holder_is_dead
 from gpu_service import wire
 from gpu_service.client import GpuClient
 from workers import callbacks, decode, fetch, preprocess, render, select, upload
-from workers.job import ACTIVE, JobSpec, JobState
-from workers.store import JobStore, holder_identity, holder_is_dead
+from workers.app import make_app
 
 log = logging.getLogger("clipline.worker")
 
@@ -122,12 +123,19 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
         m.STAGE_SECONDS.labels(name).observe(elapsed)
 
 
+def _callback_app(settings: Settings) -> Any:
+    """A Celery app for ``settings``, for runners created outside a task (tests, tools)."""
+    return make_app(settings)
+
+
 class JobRunner:
     """Runs jobs in one worker process (holds the Redis store and the GPU client)."""
 
-    def __init__(self, settings: Settings, redis_client: Any) -> None:
+    def __init__(self, settings: Settings, redis_client: Any, celery: Any = None) -> None:
         self.settings = settings
         self.redis = redis_client
+        # The Celery app that sends completion callbacks (the task's own app in a worker).
+        self.celery = celery if celery is not None else _callback_app(settings)
         self.store = JobStore(redis_client, settings.deployment, settings.terminal_ttl_s)
         self.gpu = GpuClient(settings, redis_client)
 
@@ -217,7 +225,7 @@ class JobRunner:
         sink = preprocess.SlotSink(
             self.gpu.producer, job_id, preprocess.generation(attempt), priority, created_at
         )
-        caption_attempt = self._request_caption(job_id, spec, sink.generation, priority)
+        caption_generation = self._request_caption(job_id, spec, sink.generation, priority)
         infer_start = 0.0
         try:
             with stage("decode", timings):
@@ -251,7 +259,7 @@ class JobRunner:
                 sink.published,
                 self.settings.inference_timeout_s,
                 heartbeat,
-                caption_attempt=caption_attempt,
+                caption_generation=caption_generation,
             )
         except BaseException:
             sink.withdraw_all()
@@ -301,7 +309,7 @@ class JobRunner:
                 dest.unlink(missing_ok=True)
             raise Cancelled()
         m.JOBS.labels("succeeded", "").inc()
-        callbacks.notify(self.settings, self.store, job_id)
+        callbacks.notify(self.settings, self.store, job_id, self.celery)
         log.info(
             "job %s succeeded: %.2f-%.2f s (score %.3f)",
             job_id,
@@ -313,7 +321,7 @@ class JobRunner:
     def _request_caption(
         self, job_id: str, spec: JobSpec, generation: int, priority: int
     ) -> int | None:
-        """Ask the daemon for the job's caption; the ``attempt`` to wait for, or None."""
+        """Ask the daemon for the job's caption; the ``generation`` to wait for, or None."""
         try:
             sent = self.gpu.request_caption(
                 job_id, generation, spec.title, spec.description, priority
@@ -335,7 +343,7 @@ class JobRunner:
             job_id, ACTIVE, JobState.FAILED, lease=token, error=json.dumps(err.to_dict())
         ):
             m.JOBS.labels("failed", err.code.value).inc()
-            callbacks.notify(self.settings, self.store, job_id)
+            callbacks.notify(self.settings, self.store, job_id, self.celery)
             return Result(Outcome.FAILED, err, attempt)
         return Result(Outcome.SKIPPED, err, attempt)
 
@@ -344,4 +352,4 @@ class JobRunner:
             job_id, {JobState.QUEUED, *ACTIVE}, JobState.FAILED, error=json.dumps(err.to_dict())
         ):
             m.JOBS.labels("failed", err.code.value).inc()
-            callbacks.notify(self.settings, self.store, job_id)
+            callbacks.notify(self.settings, self.store, job_id, self.celery)

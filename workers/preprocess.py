@@ -17,7 +17,7 @@ Only resized frames exist here: never a full-resolution copy of the whole video.
 stay uint8 RGB in ``[T, H, W, 3]`` layout; normalisation happens on the device.
 
 Generations: everything a job publishes carries a *generation* number (the daemon
-echoes it back with each result as ``attempt``). :meth:`ChunkedSink.restart` drops all
+echoes it back with each result as ``generation``). :meth:`ChunkedSink.restart` drops all
 chunks, takes back the ones the daemon has not started, and moves to a new
 generation, so results of an abandoned pass can never be mistaken for the new ones.
 """
@@ -257,7 +257,7 @@ class SlotSink(ChunkedSink):
 
     @property
     def generation(self) -> int:
-        """The generation the daemon will echo as ``attempt`` on this pass's results."""
+        """The generation the daemon echoes on this pass's results."""
         return self.base_generation + self.generation_pass
 
     def _reserve(self) -> tuple[np.ndarray, Any]:
@@ -272,7 +272,7 @@ class SlotSink(ChunkedSink):
             chunk=chunk,
             priority=self.priority,
             arrival=self.arrival,
-            attempt=self.generation,
+            generation=self.generation,
             kind=ChunkKind.FRAMES,
         )
 
@@ -300,7 +300,7 @@ class SlotSink(ChunkedSink):
                 chunk=-1,
                 priority=self.priority,
                 arrival=self.arrival,
-                attempt=self.generation,
+                generation=self.generation,
                 kind=ChunkKind.REFS,
             )
         with self._cond:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import cv2
 
-from clipline.errors import ClipError, ErrorCode
+from clipline_core.errors import ClipError, ErrorCode
 from workers.decode import open_capture
 
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from celery import Celery
 
-from clipline import constants
-from clipline.errors import ClipError, ErrorCode
-from workers.job import JobSpec, JobState
-from workers.store import JobStore
+from clipline_core import constants
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.job import JobSpec, JobState
+from clipline_core.store import JobStore
 
 
 def submit(

@@ -13,24 +13,23 @@ import logging
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from clipline import constants
-from clipline.config import Settings
-from workers.app import app
+from clipline_core import constants
+from clipline_core.settings import Settings
 from workers.pipeline import JobRunner, Outcome, timeout_error
 
 log = logging.getLogger("clipline.worker")
 _runner: JobRunner | None = None
 
 
-def runner() -> JobRunner:
+def runner(celery: Any) -> JobRunner:
     """The per-process runner (created lazily in each pool child, after fork)."""
     global _runner
     if _runner is None:
-        settings: Settings = app.conf.clipline_settings
-        _runner = JobRunner(settings, redis.Redis.from_url(settings.redis_url))
+        settings: Settings = celery.conf.clipline_settings
+        _runner = JobRunner(settings, redis.Redis.from_url(settings.redis_url), celery)
     return _runner
 
 
@@ -39,9 +38,9 @@ def retry_countdown(attempt: int) -> float:
     return min(60.0, 2.0 ** max(0, attempt - 1))
 
 
-@app.task(name=constants.CELERY_TASK_PROCESS_JOB, bind=True, max_retries=None)
+@shared_task(name=constants.CELERY_TASK_PROCESS_JOB, bind=True, max_retries=None)
 def process_job(self: Task, job_id: str) -> str:
-    r = runner()
+    r = runner(self.app)
     limits: Any = self.request.timelimit or (None, None)
     soft = float(limits[1]) if limits[1] else None
     try:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from clipline.config import Settings
-from clipline.errors import ClipError, ErrorCode
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.settings import Settings
 from workers import fetch
 
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}

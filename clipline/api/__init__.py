@@ -1,7 +1,7 @@
 """The HTTP job API: ``create_app`` (ASGI app for tests and servers) and ``serve``.
 
 Importing this package is cheap (no web framework): workers and clients import
-:mod:`clipline.api.schema` and :mod:`clipline.api.signing` from it; the FastAPI
+:mod:`clipline_core.schema` and :mod:`clipline_core.signing` from it; the FastAPI
 application lives in :mod:`clipline.api.app` and is imported on first use.
 """
 
@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

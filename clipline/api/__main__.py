@@ -18,7 +18,7 @@ from clipline.api.auth import SCOPES, entry, new_key
 def openapi_document() -> dict[str, object]:
     """The OpenAPI document of the API (independent of any running server)."""
     from clipline.api.app import create_app
-    from clipline.config import Settings
+    from clipline_core.settings import Settings
 
     app = create_app(Settings(api_keys="doc:" + "0" * 64, deployment="openapi"))
     return app.openapi()

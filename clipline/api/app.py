@@ -8,19 +8,19 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer <API key>``)::
     DELETE /v1/jobs/{id}             cancel a job that has not finished
     GET    /healthz  /readyz  /metrics  /openapi.json
 
-The request body is :class:`workers.job.JobSpec` (unknown fields rejected); on top of
+The request body is :class:`clipline_core.job.JobSpec` (unknown fields rejected); on top of
 its field limits the API requires http(s) sources (local paths only where
 ``api_allow_local_paths`` is set, as on the local stack), refuses literal addresses
 that the fetch stage's SSRF rules forbid, caps the body (``api_max_body_bytes``,
 413) and accepts only JSON (415). Every error answer is ``{"error": {"code",
-"message", ...}}`` with a code from :class:`clipline.api.schema.ApiErrorCode`.
+"message", ...}}`` with a code from :class:`clipline_core.schema.ApiErrorCode`.
 
 Keys: 401 when the key is missing or unknown, 403 when it lacks the scope the route
 needs; a job belongs to the tenant of the key that created it and is invisible (404)
 to other tenants' keys; idempotency keys are scoped per tenant. Per-key rate limit:
 429 with ``Retry-After``.
 
-The job store is the synchronous :class:`workers.store.JobStore` and jobs are sent
+The job store is the synchronous :class:`clipline_core.store.JobStore` and jobs are sent
 with Celery's producer, both reused as they are (:func:`workers.submit.submit`).
 Handlers are coroutines that hand each blocking step to a small dedicated thread pool
 (``api_threads``, a few threads): the event loop stays free while Redis answers, and
@@ -56,9 +56,11 @@ from kombu.exceptions import KombuError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clipline import constants
 from clipline.api.auth import ApiKey, KeyConfigError, KeyRing, RateLimiter, load_keys
-from clipline.api.schema import (
+from clipline_core import constants
+from clipline_core.errors import ClipError
+from clipline_core.job import Job, JobSpec, JobState
+from clipline_core.schema import (
     ApiErrorCode,
     ErrorBody,
     ErrorDetail,
@@ -69,12 +71,10 @@ from clipline.api.schema import (
     job_view,
     links,
 )
-from clipline.config import Settings
-from clipline.errors import ClipError
+from clipline_core.settings import Settings
+from clipline_core.store import IdempotencyConflict, JobStore, _to_job
 from workers import callbacks, fetch
 from workers.app import make_app
-from workers.job import Job, JobSpec, JobState
-from workers.store import IdempotencyConflict, JobStore, _to_job
 from workers.submit import submit
 
 log = logging.getLogger("clipline.api")

@@ -26,8 +26,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from clipline import constants
-from clipline.config import Settings
+from clipline_core import constants
+from clipline_core.settings import Settings
 
 SCOPES: frozenset[str] = frozenset({"submit", "read", "cancel"})
 KEY_PREFIX = "clk_"

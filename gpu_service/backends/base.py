@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 #: fallback order: a request falls back to the backends before it, right to left
-from clipline.constants import BACKENDS as BACKENDS
+from clipline_core.constants import BACKENDS as BACKENDS
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 DTYPES: dict[str, torch.dtype] = {

@@ -5,9 +5,9 @@ Frame models (``Model``: uint8 chunks in, per-frame tensors out): ``features``,
 short texts out): ``copywriter`` (GPT-2).
 """
 
-from gpu_service.models import copywriter, embed, features, saliency  # noqa: F401
-from gpu_service.models.base import BuildContext, InputSpec, Model, available, build, register
-from gpu_service.models.text import TextModel, available_text, build_text, register_text
+from gpu_service.models.base import BuildContext, InputSpec, Model, register
+from gpu_service.models.registry import available, available_text, build, build_text
+from gpu_service.models.text import TextModel, register_text
 
 __all__ = [
     "BuildContext",

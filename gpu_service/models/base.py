@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,23 +90,3 @@ def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
         return factory
 
     return deco
-
-
-def available() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def build(name: str, ctx: BuildContext) -> Model:
-    """Instantiate registered model ``name`` for ``ctx``; raise ``KeyError`` if unknown."""
-    _load_builtin()
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
-    return factory(ctx)
-
-
-def _load_builtin() -> None:
-    # Importing the package registers the built-in models.
-    import gpu_service.models  # noqa: F401

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 from gpu_service.backends import buckets_up_to
 
 T = TypeVar("T")

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 from gpu_service.backends import CoreSpec, Runner, build_runner
 from gpu_service.models.base import BuildContext, InputSpec, Model, register
 from gpu_service.models.common import (

@@ -41,23 +41,3 @@ def register_text(name: str) -> Callable[[TextModelFactory], TextModelFactory]:
         return factory
 
     return deco
-
-
-def available_text() -> list[str]:
-    _load_builtin()
-    return sorted(_TEXT_REGISTRY)
-
-
-def build_text(name: str, ctx: BuildContext) -> TextModel:
-    """Instantiate text model ``name``; ``KeyError`` if unknown."""
-    _load_builtin()
-    try:
-        factory = _TEXT_REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_TEXT_REGISTRY))
-        raise KeyError(f"unknown text model {name!r}; known: {known}") from None
-    return factory(ctx)
-
-
-def _load_builtin() -> None:
-    import gpu_service.models  # noqa: F401

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 
 log = logging.getLogger(__name__)
 

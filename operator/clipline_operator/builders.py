@@ -39,8 +39,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from clipline import constants
-from clipline.config import ENV_PREFIX, Settings
+from clipline_core import constants
+from clipline_core.settings import ENV_PREFIX, Settings
 from clipline_operator import crd
 
 JSON = dict[str, Any]
@@ -175,7 +175,7 @@ _SETTINGS_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(Settings)
 
 
 def env_name(field: str) -> str:
-    """``CLIPLINE_<FIELD>`` for a :class:`clipline.config.Settings` field."""
+    """``CLIPLINE_<FIELD>`` for a :class:`clipline_core.settings.Settings` field."""
     if field not in _SETTINGS_FIELDS:
         raise KeyError(f"{field!r} is not a clipline Settings field")
     return ENV_PREFIX + field.upper()

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import yaml
 
-from clipline import constants
+from clipline_core import constants
 
 JSON = dict[str, Any]
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import kopf
 
-from clipline import constants
+from clipline_core import constants
 from clipline_operator import metrics, reconcile
 from clipline_operator.builders import Pipeline
 from clipline_operator.cluster import ApiError, KubeApi

@@ -14,8 +14,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from clipline import constants
-from clipline.constants import Metric
+from clipline_core import constants
+from clipline_core.constants import Metric
 from clipline_operator.decide import Decision
 
 REGISTRY: Final = CollectorRegistry(auto_describe=True)

@@ -19,8 +19,8 @@ from typing import Any, Final
 
 import aiohttp
 
-from clipline import constants
-from clipline.constants import Metric
+from clipline_core import constants
+from clipline_core.constants import Metric
 
 NODE_LABEL: Final = constants.LABEL_NODE_METRIC
 #: ``{selector}`` becomes the label matchers in braces, ``{window}`` e.g. ``60s``.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clipline import constants
+from clipline_core import constants
 
 READ = ["get", "list", "watch"]
 

@@ -25,10 +25,10 @@ from typing import Any
 import redis
 import uvicorn
 
-from clipline import constants
 from clipline.api.auth import entry, new_key
 from clipline.client import Client
-from clipline.config import Settings
+from clipline_core import constants
+from clipline_core.settings import Settings
 
 CALLBACK_SECRET = "whsec-test-" + "x" * 24
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 from api_helpers import Api, Keys, Receiver, api_settings, make_keys, running_api
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 
 
 @pytest.fixture

@@ -25,13 +25,13 @@ import pytest
 import redis
 from api_helpers import CALLBACK_SECRET, Receiver
 
-from clipline import constants
-from clipline.api import signing
 from clipline.client import verify_callback
-from clipline.config import Settings
+from clipline_core import constants, signing
+from clipline_core.job import JobSpec, JobState
+from clipline_core.settings import Settings
+from clipline_core.store import JobStore
 from workers import callbacks
-from workers.job import JobSpec, JobState
-from workers.store import JobStore
+from workers.app import make_app
 
 
 # ---------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_notify_never_raises(settings: Settings) -> None:
         host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
     )
     store = JobStore(dead, settings.deployment)
-    assert callbacks.notify(settings, store, "a" * 32) is False
+    assert callbacks.notify(settings, store, "a" * 32, make_app(settings)) is False
 
 
 # ---------------------------------------------------------------------------

@@ -26,11 +26,12 @@ import pytest
 import redis
 from api_helpers import CALLBACK_SECRET, FileServer, Keys, Receiver, make_keys, purge
 
-from clipline import constants, samples
+from clipline import samples
 from clipline.client import ApiError, Client, verify_callback
-from clipline.config import Settings
 from clipline.stack import LocalStack
-from workers.job import ACTIVE, JobState
+from clipline_core import constants
+from clipline_core.job import ACTIVE, JobState
+from clipline_core.settings import Settings
 
 pytestmark = pytest.mark.slow
 

@@ -15,12 +15,12 @@ import pytest
 import redis
 from api_helpers import CALLBACK_SECRET, Api, Keys, api_settings, running_api
 
-from clipline import constants
 from clipline.api.app import OWNER_FIELD
 from clipline.client import ApiError
-from clipline.config import Settings
-from workers.job import JobState
-from workers.store import JobStore
+from clipline_core import constants
+from clipline_core.job import JobState
+from clipline_core.settings import Settings
+from clipline_core.store import JobStore
 
 VIDEO = "https://cdn.example.com/videos/product.mp4"
 IMAGE = "https://cdn.example.com/images/product.jpg"

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 
 
 @pytest.fixture(scope="module")

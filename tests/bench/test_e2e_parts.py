@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from clipline import samples
-from clipline.bench import baseline
-from clipline.bench.e2e_measure import (
+from clipline_bench import baseline
+from clipline_bench.e2e_measure import (
     TreeSampler,
     busy_series,
     cumulative_series,
@@ -26,8 +26,8 @@ from clipline.bench.e2e_measure import (
     percentile,
     union_seconds,
 )
-from clipline.bench.e2e_media import MediaServer
-from clipline.config import Settings
+from clipline_bench.e2e_media import MediaServer
+from clipline_core.settings import Settings
 from workers import decode
 from workers.preprocess import MemorySink
 

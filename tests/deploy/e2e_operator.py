@@ -33,7 +33,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from clipline import constants, dashboards
+from clipline import dashboards
+from clipline_core import constants
 from clipline_operator import builders, metrics, reconcile
 from clipline_operator.cluster import NodeInfo
 from clipline_operator.prom import PromClient

@@ -1,7 +1,7 @@
 """A stand-in pod for the scrape-label test: one clipline process's real metric objects.
 
 ``python scrape_exporter.py ROLE PORT NODE`` imports the metric objects the named process
-registers (``gpu-daemon``, ``workers``: :mod:`clipline.metrics`; ``api``: the job API's;
+registers (``gpu-daemon``, ``workers``: :mod:`clipline_core.metrics`; ``api``: the job API's;
 ``operator``: :mod:`clipline_operator.metrics`), gives them known values, labelling with
 ``NODE`` exactly where that process does (the daemon's own ``node`` label, the
 operator's GPU node), and serves them on ``127.0.0.1:PORT`` until killed. The workers'
@@ -21,7 +21,7 @@ WORKER_EVERY_S = 0.1
 
 def main(role: str, port: int, node: str) -> None:
     if role == "gpu-daemon":
-        from clipline import metrics as m
+        from clipline_core import metrics as m
 
         m.DEVICE_BUSY.labels(node).set(0.5)
         m.GPU_UTILIZATION.labels(node).set(0.8)
@@ -30,8 +30,8 @@ def main(role: str, port: int, node: str) -> None:
         m.ITEMS_PROCESSED.labels("features", "eager").inc(5)
         start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
     elif role == "workers":
-        from clipline import metrics as m
-        from clipline.constants import PriorityClass
+        from clipline_core import metrics as m
+        from clipline_core.constants import PriorityClass
 
         m.QUEUE_DEPTH.labels(PriorityClass.HIGH.value).set(4)
         m.JOBS.labels("succeeded", "").inc()

@@ -40,8 +40,9 @@ from deploylib import (
     render,
 )
 
-from clipline import constants, dashboards
-from clipline.config import ENV_PREFIX, Settings
+from clipline import dashboards
+from clipline_core import constants
+from clipline_core.settings import ENV_PREFIX, Settings
 
 VARIANTS = ci_variants()
 CUSTOM_GROUPS = ("clipline.dev/", "monitoring.coreos.com/")
@@ -694,7 +695,7 @@ def test_generated_callback_secret_signs_what_receivers_verify(
     """The default install: the generated secret reaches the API and, through the
     ClipPipeline and the operator's real builders, the workers (not the daemon); a
     callback the workers sign verifies with the secret read as NOTES.txt says."""
-    from clipline.api import signing
+    from clipline_core import signing
 
     objs = rendered["default"]
     secret = one(objs, "Secret", "-callback-secret")

@@ -3,7 +3,7 @@
 Every PromQL expression is parsed by ``promtool`` (Debian's prometheus package) and every
 alert has ``promtool test rules`` unit tests with series that fire it and series that
 must not. The committed files under ``charts/clipline`` must equal what the generator
-produces, so renaming a metric in ``clipline.constants`` breaks the build.
+produces, so renaming a metric in ``clipline_core.constants`` breaks the build.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import yaml
 from deploylib import ROOT, promtool
 
 from clipline import dashboards
-from clipline.constants import Metric
+from clipline_core.constants import Metric
 
 METRIC_NAMES = {v for k, v in vars(Metric).items() if k.isupper()}
 OTHER_SERIES = {"up", dashboards.KSM_DEPLOYMENT_REPLICAS, dashboards.KSM_DEPLOYMENT_LABELS}
@@ -49,7 +49,7 @@ def test_committed_files_are_generated() -> None:
 
 def test_renaming_a_metric_breaks_the_check() -> None:
     code = (
-        "import sys; from clipline.constants import Metric;"
+        "import sys; from clipline_core.constants import Metric;"
         "Metric.GPU_UTILIZATION_RATIO = 'clipline_gpu_util';"
         "from clipline import dashboards; sys.exit(dashboards.main(['--check']))"
     )

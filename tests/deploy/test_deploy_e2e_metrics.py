@@ -51,7 +51,7 @@ import yaml
 from deploylib import ROOT, objects, render
 
 from clipline import dashboards, preview, samples
-from clipline.constants import Metric
+from clipline_core.constants import Metric
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from deploylib import ROOT, objects, pod_templates, render
 
-from clipline import constants
+from clipline_core import constants
 
 DOCKERFILE = ROOT / "Dockerfile"
 BIN = Path(sys.executable).parent

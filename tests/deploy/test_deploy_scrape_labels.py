@@ -34,8 +34,9 @@ import pytest
 import yaml
 from deploylib import NAMESPACE, by_kind, labels_match, objects, render
 
-from clipline import constants, dashboards
-from clipline.constants import Metric
+from clipline import dashboards
+from clipline_core import constants
+from clipline_core.constants import Metric
 
 pytestmark = pytest.mark.slow
 

@@ -170,7 +170,7 @@ def test_model_runs_on_the_callers_stream(
 def test_registry_build_on_cuda_logs_choice(
     cuda: torch.device, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from clipline.config import Settings
+    from clipline_core.settings import Settings
     from gpu_service.models import BuildContext, build
 
     small = Settings(

@@ -23,9 +23,9 @@ import redis
 import torch
 from gpt2lib import CAPTION, DESCRIPTION, TITLE, shared_weights
 
-from clipline import constants
-from clipline.bench.daemon import ChunkSpec, publish_chunks
-from clipline.config import Settings
+from clipline_bench.daemon import ChunkSpec, publish_chunks
+from clipline_core import constants
+from clipline_core.settings import Settings
 from gpu_service import wire
 from gpu_service.captions import FRAME_SHARE, CaptionService
 from gpu_service.client import GpuClient
@@ -143,15 +143,15 @@ def test_requests_are_batched_and_answered_with_a_deterministic_caption(
         assert not daemon.engine.run_once()  # nothing left
         assert daemon.publisher.flush(10)
         got = {job: messages(redis_client, s, job) for job in ("job-a", "job-b", "job-c")}
-        # The worker's collect returns the caption for its attempt (no frames expected).
+        # The worker's collect returns the caption for its generation (no frames expected).
         assert gpu.request_caption("job-a", 9, TITLE, DESCRIPTION, 1)
         wait_pending(daemon, 1)
         daemon.engine.run_once()
-        collected = gpu.collect("job-a", 9, 0, 10.0, caption_attempt=9)
-    for job, attempt in (("job-a", 8), ("job-b", 16), ("job-c", 8)):
+        collected = gpu.collect("job-a", 9, 0, 10.0, caption_generation=9)
+    for job, generation in (("job-a", 8), ("job-b", 16), ("job-c", 8)):
         (msg,) = got[job]
         assert msg["kind"] == wire.CAPTION_KIND and msg["chunk"] == wire.CAPTION_CHUNK
-        assert msg["attempt"] == attempt and msg["error"] is None
+        assert msg["generation"] == generation and msg["error"] is None
         assert msg["trusted"] == {"copywriter": True} and msg["outputs"] == {}
         assert msg["batch"] == 3 and msg["batch_seq"] == 1
     assert got["job-a"][0]["caption"] == got["job-b"][0]["caption"] == CAPTION
@@ -175,7 +175,7 @@ def test_without_weights_the_copywriter_is_untrusted_and_takes_no_request(
         assert not redis_client.exists(key)
         # A request someone pushes anyway is left for a daemon that can answer it.
         req = wire.CaptionRequest.make(
-            job_id="job-x", attempt=0, title=TITLE, description="", priority=1,
+            job_id="job-x", generation=0, title=TITLE, description="", priority=1,
             now=time.time(), ttl_s=60,
         )  # fmt: skip
         push_raw(redis_client, s, req.dumps())
@@ -207,7 +207,7 @@ def test_a_failing_caption_is_answered_with_its_error_only(
             title = "poison apple" if job == "job-p" else TITLE
             assert gpu.request_caption(job, 8, title, DESCRIPTION, 1)
         expired = wire.CaptionRequest.make(
-            job_id="job-e", attempt=8, title=TITLE, description="", priority=0,
+            job_id="job-e", generation=8, title=TITLE, description="", priority=0,
             now=time.time() - 100, ttl_s=50,
         )  # fmt: skip
         push_raw(redis_client, s, expired.dumps(), "not json", '{"job_id": 5}')
@@ -250,7 +250,7 @@ def test_frame_batches_keep_running_under_a_caption_flood(
         now = time.time()
         flood = [
             wire.CaptionRequest.make(
-                job_id=f"cap-{i}", attempt=0, title=f"Product {i}", description="",
+                job_id=f"cap-{i}", generation=0, title=f"Product {i}", description="",
                 priority=0, now=now, ttl_s=300,
             ).dumps()
             for i in range(n_captions)
@@ -291,7 +291,7 @@ def test_caption_turns_leave_the_frames_their_share_of_device_time(
     try:
         assert not svc.due(False, 0)  # nothing pending
         req = wire.CaptionRequest.make(
-            job_id="j", attempt=0, title=TITLE, description="", priority=1,
+            job_id="j", generation=0, title=TITLE, description="", priority=1,
             now=time.time(), ttl_s=60,
         )  # fmt: skip
         svc.queue.put_many([req])
@@ -319,7 +319,7 @@ def test_a_hard_stop_hands_unanswered_requests_back_best_first(
     now = time.time()
     reqs = [
         wire.CaptionRequest.make(
-            job_id=f"j{i}", attempt=0, title=TITLE, description="", priority=prio,
+            job_id=f"j{i}", generation=0, title=TITLE, description="", priority=prio,
             now=now + i, ttl_s=120,
         )
         for i, prio in enumerate([2, 0, 1, 0])
@@ -352,7 +352,7 @@ def test_daemon_process_configured_by_environment_serves_captions(
         gpu = GpuClient(proc.settings, redis_client)
         assert gpu.copywriter_ready()
         assert gpu.request_caption("job-a", 8, TITLE, DESCRIPTION, 1)
-        got = gpu.collect("job-a", 8, 0, 60.0, caption_attempt=8)
+        got = gpu.collect("job-a", 8, 0, 60.0, caption_generation=8)
         assert wire.caption_of(got) == CAPTION
         assert got[0]["device"] == "cpu" and got[0]["trusted"] == {"copywriter": True}
         hb_key = constants.daemon_heartbeat_key(s.deployment, s.node_name)

@@ -22,13 +22,14 @@ import redis
 import torch
 from gpt2lib import CAPTION, DESCRIPTION, TITLE, shared_weights
 
-from clipline import constants, samples
-from clipline.config import Settings
+from clipline import samples
+from clipline_core import constants
+from clipline_core.job import Job, JobSpec, JobState
+from clipline_core.settings import Settings
 from gpu_service.daemon import Daemon
 from gpu_service.models.copywriter import CopywriterModel
 from gpu_service.models.features import FeaturesModel
 from gpu_service.models.text import TextModel
-from workers.job import Job, JobSpec, JobState
 from workers.pipeline import JobRunner, Outcome
 
 CPU = torch.device("cpu")

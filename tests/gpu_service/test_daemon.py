@@ -27,9 +27,9 @@ import redis
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from clipline import constants
-from clipline.bench.daemon import ChunkSpec, publish_chunks
-from clipline.config import Settings
+from clipline_bench.daemon import ChunkSpec, publish_chunks
+from clipline_core import constants
+from clipline_core.settings import Settings
 from gpu_service import wire
 from gpu_service.backends import resolve_precision
 

@@ -21,9 +21,9 @@ import pytest
 import redis
 import torch
 
-from clipline import constants
-from clipline.bench.daemon import ChunkSpec, chunk_data, publish_chunks
-from clipline.config import Settings
+from clipline_bench.daemon import ChunkSpec, chunk_data, publish_chunks
+from clipline_core import constants
+from clipline_core.settings import Settings
 from gpu_service import wire
 from gpu_service.batcher import MAX_RECOVERIES, Batcher, BatchPolicy
 from gpu_service.daemon import Daemon
@@ -156,7 +156,7 @@ def _desc(slot: int, **kw: Any) -> Descriptor:
         "seq": 1,
         "kind": ChunkKind.FRAMES,
         "job_id": "j",
-        "attempt": 1,
+        "generation": 1,
         "chunk": slot,
         "priority": 1,
         "arrival": 0.0,

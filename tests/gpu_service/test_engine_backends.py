@@ -18,9 +18,9 @@ import pytest
 import redis
 import torch
 
-from clipline import constants
-from clipline.bench.daemon import ChunkSpec, publish_chunks
-from clipline.config import Settings
+from clipline_bench.daemon import ChunkSpec, publish_chunks
+from clipline_core import constants
+from clipline_core.settings import Settings
 from gpu_service import wire
 from gpu_service.backends import REL_TOL, relative_error, resolve_precision
 from gpu_service.daemon import Daemon, build_models, model_backends

@@ -15,7 +15,7 @@ import pytest
 import torch
 from gpt2lib import CAPTION, DESCRIPTION, TITLE, shared_weights
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 from gpu_service.models import BuildContext, build_text
 from gpu_service.models.copywriter import CopywriterModel, caption_prompt
 

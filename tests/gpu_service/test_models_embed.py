@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 from gpu_service.models import BuildContext, build
 from gpu_service.models.common import seeded
 from gpu_service.models.embed import EmbedModel, ViT, ViTConfig, load_vit

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 from gpu_service.models import BuildContext, build
 from gpu_service.models.common import seeded
 from gpu_service.models.saliency import (

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipline import constants
-from clipline.errors import ClipError, ErrorCode
+from clipline_core import constants
+from clipline_core.errors import ClipError, ErrorCode
 from gpu_service.shm import HEADER_DTYPE, ArenaLayout, Consumer, Producer, SlotState
 
 SHM = Path(constants.DEFAULT_SHM_DIR)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from clipline import constants
-from clipline.errors import ClipError, ErrorCode
+from clipline_core import constants
+from clipline_core.errors import ClipError, ErrorCode
 from gpu_service.shm import ArenaLayout, Consumer, Producer, SlotState
 
 SHM = Path(constants.DEFAULT_SHM_DIR)

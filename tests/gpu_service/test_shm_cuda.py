@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipline import constants
+from clipline_core import constants
 from gpu_service.shm import ArenaLayout, Consumer, Producer, SlotState
 
 SHM = Path(constants.DEFAULT_SHM_DIR)

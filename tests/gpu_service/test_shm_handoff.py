@@ -16,8 +16,8 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from clipline import constants
-from clipline.errors import ClipError, ErrorCode
+from clipline_core import constants
+from clipline_core.errors import ClipError, ErrorCode
 from gpu_service.shm import ArenaLayout, ChunkKind, Consumer, Producer, SlotState
 
 SHM = Path(constants.DEFAULT_SHM_DIR)
@@ -278,13 +278,13 @@ def test_withdraw_takes_back_only_unconsumed_chunks_of_that_attempt(
     consumer, producer = make(names, deployment, n_slots=8)
     try:
         for chunk in range(3):
-            publish(producer, "job-a", attempt=1, chunk=chunk)
-        publish(producer, "job-a", attempt=2)
-        publish(producer, "job-b", attempt=1)
+            publish(producer, "job-a", generation=1, chunk=chunk)
+        publish(producer, "job-a", generation=2)
+        publish(producer, "job-b", generation=1)
         (taken,) = consumer.take([d for d in consumer.peek_ready() if d.chunk == 2])
-        assert producer.withdraw("job-a", attempt=1) == 2
+        assert producer.withdraw("job-a", generation=1) == 2
         assert consumer.arena.state(taken.slot) == SlotState.CONSUMING  # untouched
-        left = sorted((d.job_id, d.attempt) for d in consumer.peek_ready())
+        left = sorted((d.job_id, d.generation) for d in consumer.peek_ready())
         assert left == [("job-a", 2), ("job-b", 1)]
         assert producer.withdraw("job-a") == 1
         assert [d.job_id for d in consumer.peek_ready()] == ["job-b"]
@@ -308,11 +308,11 @@ def test_descriptor_round_trip_requeue_and_release(
                 chunk=-1,
                 priority=2,
                 arrival=1234.5,
-                attempt=3,
+                generation=3,
                 kind=ChunkKind.REFS,
             )
         (d,) = consumer.peek_ready()
-        assert (d.job_id, d.kind, d.chunk, d.priority, d.arrival, d.attempt) == (
+        assert (d.job_id, d.kind, d.chunk, d.priority, d.arrival, d.generation) == (
             "job-" + "x" * 44,
             ChunkKind.REFS,
             -1,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clipline.bench import handoff
+from clipline_bench import handoff
 
 VARIANT_KEYS = {"p50_us", "p99_us", "msgs_per_s"}
 

@@ -31,7 +31,7 @@ from op_helpers import (
 )
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
-from clipline.constants import LABEL_NODE_METRIC, LABEL_PRIORITY, Metric
+from clipline_core.constants import LABEL_NODE_METRIC, LABEL_PRIORITY, Metric
 
 
 def _exporter(

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import kmock
 
-from clipline import constants
+from clipline_core import constants
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_RES = f"{constants.CRD_GROUP}/{constants.CRD_VERSION}/{constants.CRD_PLURAL}"

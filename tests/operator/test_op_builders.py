@@ -10,8 +10,8 @@ import pytest
 import yaml
 from op_helpers import REPO
 
-from clipline import constants
-from clipline.config import Settings
+from clipline_core import constants
+from clipline_core.settings import Settings
 from clipline_operator import builders
 from clipline_operator.builders import Pipeline
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from op_helpers import REPO
 
-from clipline import constants
+from clipline_core import constants
 from clipline_operator import crd
 
 K8S_VERSION = "1.35.0"
@@ -134,8 +134,8 @@ def test_backends_are_the_daemons() -> None:
 def test_the_crd_does_not_import_torch() -> None:
     """The operator image path: the backend names come from constants, not the daemon."""
     code = (
-        "import sys, clipline.constants, clipline_operator.crd, clipline_operator.builders; "
-        "print(clipline.constants.BACKENDS); sys.exit('torch' in sys.modules)"
+        "import sys, clipline_core.constants, clipline_operator.crd, clipline_operator.builders; "
+        "print(clipline_core.constants.BACKENDS); sys.exit('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr or "torch was imported"

@@ -30,7 +30,7 @@ import pytest
 import pytest_asyncio
 from op_helpers import CRD_RES, WINDOW_S, Emulator, PromFixture, declare_resources, free_port
 
-from clipline import constants
+from clipline_core import constants
 
 GPU_LABEL = {"clipline.dev/gpu": "yes"}
 

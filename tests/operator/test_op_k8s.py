@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from clipline import constants
+from clipline_core import constants
 from clipline_operator import builders, crd
 from clipline_operator.cluster import ApiError, KubeApi
 

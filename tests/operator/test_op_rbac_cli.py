@@ -9,7 +9,7 @@ from contextlib import redirect_stdout
 import kubernetes_validate
 import yaml
 
-from clipline import constants
+from clipline_core import constants
 from clipline_operator import cli, crd, rbac
 
 

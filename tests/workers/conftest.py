@@ -9,7 +9,7 @@ import pytest
 from wlib import Clips, FfClips, Origin, _ffmpeg, worker_settings
 
 from clipline import samples
-from clipline.config import Settings
+from clipline_core.settings import Settings
 
 
 @pytest.fixture

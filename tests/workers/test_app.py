@@ -16,12 +16,12 @@ from pathlib import Path
 
 import redis
 
-from clipline import constants
-from clipline.config import Settings
+from clipline_core import constants
+from clipline_core.job import JobSpec, JobState
+from clipline_core.settings import Settings
+from clipline_core.store import JobStore
 from workers import monitor
 from workers.app import make_app
-from workers.job import JobSpec, JobState
-from workers.store import JobStore
 from workers.submit import queue_depths, queue_depths_redis, submit
 
 
@@ -80,7 +80,7 @@ def test_monitor_requeues_lost_jobs_with_their_priority(
 
 
 def test_scratch_of_dead_processes_is_swept(settings: Settings) -> None:
-    from workers.store import holder_identity
+    from clipline_core.store import holder_identity
 
     root = settings.scratch_path
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -102,11 +102,11 @@ def test_metrics_directory_and_merging(settings: Settings, tmp_path: Path) -> No
     code = textwrap.dedent(
         """
         import os, sys
-        from clipline.config import Settings
+        from clipline_core.settings import Settings
         from workers import monitor
         s = Settings(deployment="t-x", state_dir=sys.argv[1])
         path = monitor.setup_multiprocess(s)
-        from clipline import metrics as m
+        from clipline_core import metrics as m
         m.JOBS.labels("succeeded", "").inc(2)
         m.JOBS_IN_FLIGHT.inc()
         print(path)

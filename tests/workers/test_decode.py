@@ -18,8 +18,8 @@ import pytest
 from wlib import Clips, FfClips, corrupt_avi_frame, need
 
 from clipline import samples
-from clipline.config import Settings
-from clipline.errors import ClipError, ErrorCode
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.settings import Settings
 from gpu_service.shm import ArenaLayout, ChunkKind, Consumer, Producer
 from workers import decode, preprocess
 from workers.preprocess import MemorySink
@@ -262,7 +262,7 @@ def test_frames_go_straight_into_shared_memory_slots(clips: Clips, tmp_path: Pat
         got: dict[int, np.ndarray] = {}
         refs = 0
         for d in consumer.take_next(64):
-            assert d.job_id == "job-1" and d.attempt == preprocess.generation(1)
+            assert d.job_id == "job-1" and d.generation == preprocess.generation(1)
             if d.kind == ChunkKind.REFS:
                 refs += 1
                 assert d.shape[0] == 2
@@ -302,7 +302,7 @@ def test_restart_moves_to_a_new_generation(tmp_path: Path) -> None:
         sink.commit(0)
         sink.finish(1)
         ready = consumer.take_next(16)
-        assert {(d.kind, d.chunk, d.attempt) for d in ready} == {
+        assert {(d.kind, d.chunk, d.generation) for d in ready} == {
             (ChunkKind.REFS, -1, sink.generation),
             (ChunkKind.FRAMES, 0, sink.generation),
         }

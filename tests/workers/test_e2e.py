@@ -28,12 +28,12 @@ import pytest
 import redis
 from wlib import Clips, Origin, free_port
 
-from clipline import constants
-from clipline.config import Settings
 from clipline.stack import LocalStack
+from clipline_core import constants
+from clipline_core.job import Job, JobSpec, JobState
+from clipline_core.settings import Settings
+from clipline_core.store import JobStore
 from workers.app import make_app
-from workers.job import Job, JobSpec, JobState
-from workers.store import JobStore
 from workers.submit import submit
 
 pytestmark = pytest.mark.slow

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from wlib import Clips, Origin
 
-from clipline.config import Settings
-from clipline.errors import ClipError, ErrorCode
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.settings import Settings
 from workers import fetch
 
 

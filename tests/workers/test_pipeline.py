@@ -23,12 +23,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from prometheus_client import REGISTRY
 from wlib import Clips, Origin
 
-from clipline.config import Settings
-from clipline.errors import ClipError, ErrorCode
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.job import JobSpec, JobState
+from clipline_core.settings import Settings
+from clipline_core.store import holder_identity
 from workers import upload
-from workers.job import JobSpec, JobState
 from workers.pipeline import JobRunner, Outcome
-from workers.store import holder_identity
 
 
 def counter(name: str, **labels: str) -> float:

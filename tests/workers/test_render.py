@@ -15,7 +15,7 @@ import pytest
 from wlib import Clips
 
 from clipline import samples
-from clipline.errors import ClipError, ErrorCode
+from clipline_core.errors import ClipError, ErrorCode
 from workers import render
 
 

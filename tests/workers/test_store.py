@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import redis
 
-from clipline import constants
 from clipline.cli import _wait
-from clipline.config import Settings
-from workers.job import ACTIVE, JobSpec, JobState
-from workers.store import (
+from clipline_core import constants
+from clipline_core.job import ACTIVE, JobSpec, JobState
+from clipline_core.settings import Settings
+from clipline_core.store import (
     IdempotencyConflict,
     JobStore,
     holder_identity,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import socket
 import struct
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from clipline.config import Settings
+from clipline_core.settings import Settings
 
 
 @dataclasses.dataclass
@@ -215,9 +214,4 @@ def corrupt_avi_frame(src: Path, dest: Path, frame: int) -> Path:
     return dest
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from clipline_core.procs import pid_alive  # noqa: E402, F401 - tests import it from here

@@ -4,7 +4,7 @@ This is how a straightforward highlight service is usually built, and what clipl
 replaces. It is a working, fair service — same models, same selection, same rendering,
 same outputs — that simply does everything in one process per request:
 
-* **One service process per worker** (``python -m clipline.bench.baseline``), an HTTP
+* **One service process per worker** (``python -m clipline_bench.baseline``), an HTTP
   server on 127.0.0.1 that handles requests in threads (at most ``--threads`` at a time;
   more wait in line). ``POST /v1/highlight`` takes ``{"id", "video_url", "image_urls",
   "duration_s"}`` and answers when the clip is rendered.
@@ -66,15 +66,15 @@ import cv2
 import numpy as np
 import torch
 
-from clipline.config import Settings
-from clipline.errors import ClipError, ErrorCode
+from clipline_core.errors import ClipError, ErrorCode
+from clipline_core.settings import Settings
 from gpu_service import models as registry
 from gpu_service import wire
 from gpu_service.models.base import BuildContext, Model
 from workers import decode, fetch, render, select
 from workers.preprocess import into
 
-log = logging.getLogger("clipline.bench.baseline")
+log = logging.getLogger("clipline_bench.baseline")
 
 #: environment variables that bound library thread pools; removed for the baseline
 THREAD_ENV = (
@@ -249,7 +249,7 @@ class Service:
         used = [m for m in self.models if temporal or not m.temporal]
         return wire.result_message(
             job_id="",
-            attempt=0,
+            generation=0,
             chunk=chunk,
             kind=kind,
             frames=int(next(iter(outputs.values())).shape[0]),
@@ -443,7 +443,7 @@ class BaselineCluster:
                             [
                                 sys.executable,
                                 "-m",
-                                "clipline.bench.baseline",
+                                "clipline_bench.baseline",
                                 "--threads",
                                 str(self.threads),
                             ],

@@ -58,7 +58,7 @@ import cv2
 import numpy as np
 
 from clipline import samples
-from clipline.config import Settings
+from clipline_core.settings import Settings
 from workers import decode
 from workers.preprocess import MemorySink, into
 

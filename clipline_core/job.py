@@ -2,7 +2,7 @@
 
 ``JobSpec`` is the request (shared with the HTTP API, which validates bodies with it);
 ``JobState`` is the closed set of states with the named sets ``TERMINAL`` and
-``ACTIVE``; ``Job`` is the record stored in Redis (see :mod:`workers.store`)::
+``ACTIVE``; ``Job`` is the record stored in Redis (see :mod:`clipline_core.store`)::
 
     queued -> fetching -> decoding -> inferring -> rendering -> succeeded
        \\_________\\___________\\____________\\___________\\----> failed | cancelled
@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from clipline.constants import DEFAULT_PRIORITY, PriorityClass
+from clipline_core.constants import DEFAULT_PRIORITY, PriorityClass
 
 MAX_URL_LENGTH = 4096
 MAX_IMAGES = 8

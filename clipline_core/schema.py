@@ -1,10 +1,10 @@
 """The public JSON shapes of the job API, shared by the server, the client and callbacks.
 
-The request body of ``POST /v1/jobs`` is :class:`workers.job.JobSpec` itself (the
+The request body of ``POST /v1/jobs`` is :class:`clipline_core.job.JobSpec` itself (the
 workers' model, unknown fields rejected). This module holds what the API sends back:
 :class:`JobView` (the body of ``GET /v1/jobs/{id}``, also the ``job`` of a callback
 event), :class:`JobAccepted`, :class:`ErrorBody` and :class:`CallbackEvent`, plus
-:func:`job_view`, which turns a stored :class:`workers.job.Job` into its view.
+:func:`job_view`, which turns a stored :class:`clipline_core.job.Job` into its view.
 
 It imports only pydantic and the job model, so workers and clients can use it without
 the web framework.
@@ -16,15 +16,15 @@ import enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clipline import constants
-from clipline.constants import PriorityClass
-from workers.job import Job, JobState
+from clipline_core import constants
+from clipline_core.constants import PriorityClass
+from clipline_core.job import Job, JobState
 
 
 class ApiErrorCode(enum.StrEnum):
     """Codes of API-level errors (``error.code`` of a 4xx/5xx body).
 
-    A failed job's ``error.code`` is a :class:`clipline.errors.ErrorCode` instead.
+    A failed job's ``error.code`` is a :class:`clipline_core.errors.ErrorCode` instead.
     """
 
     INVALID_REQUEST = "invalid_request"
@@ -96,7 +96,7 @@ class JobResult(BaseModel):
 
 
 class JobFailure(BaseModel):
-    code: str = Field(description="stable failure code (clipline.errors.ErrorCode)")
+    code: str = Field(description="stable failure code (clipline_core.errors.ErrorCode)")
     message: str
 
 

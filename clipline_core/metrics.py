@@ -1,6 +1,6 @@
 """Prometheus metric objects shared by every clipline process.
 
-Names come from :class:`clipline.constants.Metric`; labels are bounded (priority
+Names come from :class:`clipline_core.constants.Metric`; labels are bounded (priority
 class, stage, status, error code, model, backend, node), never a job id. Each process
 exposes the metrics it updates; the rest stay at zero or without samples. The
 operator's autoscaler metrics live in its own package.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from clipline.constants import (
+from clipline_core.constants import (
     LABEL_BACKEND,
     LABEL_CODE,
     LABEL_MODEL,
@@ -89,7 +89,7 @@ def init_job_series() -> None:
     ``rate()``/``increase()``; starting all bounded label combinations at 0 makes the
     first failure of each code visible to dashboards and alerts.
     """
-    from clipline.errors import ErrorCode
+    from clipline_core.errors import ErrorCode
 
     JOBS.labels("succeeded", "")
     JOBS.labels("cancelled", "cancelled")

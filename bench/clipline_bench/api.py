@@ -58,7 +58,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from clipline import constants
+from clipline_core import constants
 
 DEFAULT_OUT = Path("bench") / "results" / "api.json"
 TARGET_RPS = 500.0
@@ -460,10 +460,10 @@ def _direct_submit(redis_url: str, n: int) -> dict[str, Any]:
     """submit() in one thread of this process: the floor below HTTP."""
     import redis
 
-    from clipline.config import Settings
+    from clipline_core.job import JobSpec
+    from clipline_core.settings import Settings
+    from clipline_core.store import JobStore
     from workers.app import make_app
-    from workers.job import JobSpec
-    from workers.store import JobStore
     from workers.submit import submit
 
     deployment = f"bench-direct-{uuid.uuid4().hex[:8]}"
@@ -540,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
         "concurrency": args.concurrency,
         "loadavg_1m_start": round(os.getloadavg()[0], 2),
     }
-    from clipline.bench.handoff import redis_server
+    from clipline_bench.handoff import redis_server
 
     with contextlib.ExitStack() as stack:
         if args.url:

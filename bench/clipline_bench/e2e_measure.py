@@ -169,7 +169,7 @@ def role(pid: int) -> str:
     for needle, label in (
         ("gpu_service", "daemon"),
         ("celery", "worker"),
-        ("clipline.bench.baseline", "service"),
+        ("clipline_bench.baseline", "service"),
         ("valkey", "redis"),
         ("redis-server", "redis"),
     ):

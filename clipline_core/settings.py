@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from clipline import constants
+from clipline_core import constants
 
 ENV_PREFIX = "CLIPLINE_"
 

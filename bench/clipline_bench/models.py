@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m clipline.bench.models``: the same benchmark without the CLI's imports."""
+    """``python -m clipline_bench.models``: the same benchmark without the CLI's imports."""
     parser = argparse.ArgumentParser(prog="clipline bench models", description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -9,7 +9,7 @@ over a job whose lease expired (its worker died).
 
 Leases: a claim records the lease token, its expiry and the holder (host, pid and
 process start time), and puts the job in a sorted set of running jobs scored by lease
-expiry (:func:`clipline.constants.leases_key`). The holder renews the lease from a
+expiry (:func:`clipline_core.constants.leases_key`). The holder renews the lease from a
 background thread. Two things recover a job whose holder died:
 
 * a redelivered task on the same host sees that the holder process no longer exists
@@ -35,8 +35,8 @@ from typing import Any
 
 import redis
 
-from clipline import constants
-from workers.job import ACTIVE, TERMINAL, Job, JobSpec, JobState
+from clipline_core import constants
+from clipline_core.job import ACTIVE, TERMINAL, Job, JobSpec, JobState
 
 _ACTIVE_LUA = "{fetching=true, decoding=true, inferring=true, rendering=true}"
 

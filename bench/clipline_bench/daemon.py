@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from clipline import constants
+from clipline_core import constants
 
 DEFAULT_OUT = Path("bench") / "results" / "daemon.json"
 CUDA_BACKENDS = constants.BACKENDS
@@ -126,7 +126,7 @@ def produce_forever(
     published: Any,
 ) -> None:
     """Publish chunks as fast as slots free up until ``stop`` is set (benchmark producer)."""
-    from clipline.errors import ClipError, ErrorCode
+    from clipline_core.errors import ClipError, ErrorCode
     from gpu_service.shm import Producer
 
     producer = Producer(Path(arena_path), Path(socket_path), reserve_timeout_s=1.0)
@@ -554,7 +554,7 @@ def _plan(wanted: list[str], device: str, models: str) -> tuple[list[str], dict[
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipline.bench.handoff import redis_server
+    from clipline_bench.handoff import redis_server
 
     log = sys.stderr if args.json else sys.stdout
     producers = args.producers or max(2, min(8, _cores() // 2))
