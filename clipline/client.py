@@ -27,32 +27,13 @@ from typing import Any
 import httpx
 
 from clipline_core import constants, signing
+from clipline_core.errors import ApiError
 from clipline_core.job import TERMINAL, JobState
 from clipline_core.schema import CallbackEvent, JobAccepted, JobView
 
 __all__ = ["ApiError", "Client", "verify_callback"]
 
 _RETRY_STATUS = {429, 502, 503, 504}
-
-
-class ApiError(Exception):
-    """An error answer of the API (or no answer at all: ``status`` 0)."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        retry_after: float | None = None,
-        job_id: str | None = None,
-    ) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
-        self.job_id = job_id
 
 
 def _error(resp: httpx.Response) -> ApiError:

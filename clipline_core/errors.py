@@ -1,12 +1,17 @@
-"""Stable error codes and the exception that carries them.
+"""Stable error codes, and the exceptions that carry them: one enum for the whole system.
 
 Every failure a user can see maps to one :class:`ErrorCode` and a message a person
-understands. Codes are part of the API: never rename one, only add.
+understands: a failed job's ``error.code`` (:data:`JOB_CODES`) and the ``error.code`` of
+an API error answer (:data:`REQUEST_CODES`) come from the same enum. Codes are part of
+the API: never rename one, only add. :class:`ClipError` is a job's failure inside the
+services; :class:`ApiError` is an HTTP error answer, raised by the API and parsed from
+answers by the client. Imports only the standard library.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class ErrorCode(enum.StrEnum):
@@ -31,7 +36,64 @@ class ErrorCode(enum.StrEnum):
     CANCELLED = "cancelled"
     WORKER_LOST = "worker_lost"
     INTERNAL = "internal"
+    # Codes of API error answers (4xx/5xx bodies), never of a failed job.
+    MALFORMED_BODY = "malformed_body"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    CONFLICT = "conflict"
+    NOT_READY = "not_ready"
+    BODY_TOO_LARGE = "body_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
 
+
+#: codes an API error answer may carry
+REQUEST_CODES: frozenset[ErrorCode] = frozenset(
+    {
+        ErrorCode.INVALID_REQUEST,
+        ErrorCode.MALFORMED_BODY,
+        ErrorCode.FORBIDDEN_SOURCE,
+        ErrorCode.UNAUTHENTICATED,
+        ErrorCode.FORBIDDEN,
+        ErrorCode.NOT_FOUND,
+        ErrorCode.METHOD_NOT_ALLOWED,
+        ErrorCode.IDEMPOTENCY_CONFLICT,
+        ErrorCode.CONFLICT,
+        ErrorCode.NOT_READY,
+        ErrorCode.BODY_TOO_LARGE,
+        ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.INTERNAL,
+    }
+)
+#: codes a failed (or cancelled) job may carry
+JOB_CODES: frozenset[ErrorCode] = frozenset(
+    {
+        ErrorCode.INVALID_REQUEST,
+        ErrorCode.FORBIDDEN_SOURCE,
+        ErrorCode.FETCH_FAILED,
+        ErrorCode.NOT_FOUND,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.EMPTY_FILE,
+        ErrorCode.NOT_A_VIDEO,
+        ErrorCode.NOT_AN_IMAGE,
+        ErrorCode.UNDECODABLE_VIDEO,
+        ErrorCode.TOO_LONG,
+        ErrorCode.RESOLUTION_TOO_HIGH,
+        ErrorCode.GPU_UNAVAILABLE,
+        ErrorCode.BACKPRESSURE,
+        ErrorCode.RENDER_FAILED,
+        ErrorCode.UPLOAD_FAILED,
+        ErrorCode.TIMEOUT,
+        ErrorCode.CANCELLED,
+        ErrorCode.WORKER_LOST,
+        ErrorCode.INTERNAL,
+    }
+)
 
 # Codes whose cause may go away by itself: the task retries with backoff first.
 TRANSIENT_CODES: frozenset[ErrorCode] = frozenset(
@@ -58,3 +120,32 @@ class ClipError(Exception):
 
     def __repr__(self) -> str:
         return f"ClipError({self.code.value!r}, {self.message!r})"
+
+
+class ApiError(Exception):
+    """An HTTP error answer of the job API: status, stable code, message.
+
+    The API raises it (``headers`` and ``details`` go into the answer); the client
+    raises it for an error answer it received (``status`` 0: no answer at all;
+    ``code`` is then a string the server sent, possibly one this version does not know).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode | str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        details: list[Any] | None = None,
+        job_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+        self.details = details
+        self.job_id = job_id
+        self.retry_after = retry_after

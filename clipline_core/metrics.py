@@ -89,9 +89,9 @@ def init_job_series() -> None:
     ``rate()``/``increase()``; starting all bounded label combinations at 0 makes the
     first failure of each code visible to dashboards and alerts.
     """
-    from clipline_core.errors import ErrorCode
+    from clipline_core.errors import JOB_CODES, ErrorCode
 
     JOBS.labels("succeeded", "")
     JOBS.labels("cancelled", "cancelled")
-    for code in ErrorCode:
+    for code in sorted(JOB_CODES - {ErrorCode.CANCELLED}):
         JOBS.labels("failed", code.value)

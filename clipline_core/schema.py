@@ -12,36 +12,11 @@ the web framework.
 
 from __future__ import annotations
 
-import enum
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from clipline_core import constants
 from clipline_core.constants import PriorityClass
 from clipline_core.job import Job, JobState
-
-
-class ApiErrorCode(enum.StrEnum):
-    """Codes of API-level errors (``error.code`` of a 4xx/5xx body).
-
-    A failed job's ``error.code`` is a :class:`clipline_core.errors.ErrorCode` instead.
-    """
-
-    INVALID_REQUEST = "invalid_request"
-    MALFORMED_BODY = "malformed_body"
-    FORBIDDEN_SOURCE = "forbidden_source"
-    UNAUTHENTICATED = "unauthenticated"
-    FORBIDDEN = "forbidden"
-    NOT_FOUND = "not_found"
-    METHOD_NOT_ALLOWED = "method_not_allowed"
-    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
-    CONFLICT = "conflict"
-    NOT_READY = "not_ready"
-    BODY_TOO_LARGE = "body_too_large"
-    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
-    RATE_LIMITED = "rate_limited"
-    UNAVAILABLE = "unavailable"
-    INTERNAL = "internal"
 
 
 class ErrorDetail(BaseModel):
@@ -50,7 +25,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorInfo(BaseModel):
-    code: str = Field(description="stable machine-readable code (ApiErrorCode)")
+    code: str = Field(description="stable machine-readable code (ErrorCode)")
     message: str = Field(description="what went wrong, for a person")
     details: list[ErrorDetail] | None = None
     job_id: str | None = None

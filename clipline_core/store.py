@@ -20,6 +20,17 @@ background thread. Two things recover a job whose holder died:
 
 Each transition is announced on the job's pub/sub channel so waiters need not poll.
 Terminal jobs expire after ``terminal_ttl_s``.
+
+One owner for a job's life: :meth:`JobStore.create` (with the ``owner`` tenant stored in
+the same atomic script), :meth:`JobStore.requeue` and :meth:`JobStore.finish` (also
+:meth:`cancel` and the sweeper's time-outs, which go through the same bookkeeping). A
+job that ends does so here, and only here are ``clipline_jobs_total{status,code}``
+counted and the ``on_terminal`` hook called (the services pass one that enqueues the
+completion callback), once per job, by whoever won the atomic transition.
+
+The Lua scripts take every state name from :class:`clipline_core.job.JobState` (the
+``$QUEUED``-style placeholders and the ``active`` table are filled in from the enum).
+Must not import anything of clipline but the ground floor (constants, job, metrics).
 """
 
 from __future__ import annotations
@@ -27,26 +38,44 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
-from clipline_core import constants
+from clipline_core import constants, metrics
 from clipline_core.job import ACTIVE, TERMINAL, Job, JobSpec, JobState
 
-_ACTIVE_LUA = "{fetching=true, decoding=true, inferring=true, rendering=true}"
+log = logging.getLogger("clipline.store")
+
+#: job-hash field naming the tenant whose API key created the job
+OWNER_FIELD = "tenant"
+#: the states a job can still leave
+NONTERMINAL: frozenset[JobState] = frozenset({JobState.QUEUED, *ACTIVE})
+OnTerminal = Callable[[str], None]
+
+
+def _lua(source: str) -> str:
+    """Fill a script's state placeholders from the enum (``$QUEUED`` -> ``$QUEUED``)."""
+    active = "{" + ", ".join(f"{s.value}=true" for s in sorted(ACTIVE, key=str)) + "}"
+    out = source.replace("$ACTIVE", active)
+    for s in JobState:
+        out = out.replace(f"${s.name}", f"'{s.value}'")
+    if "$" in out:
+        raise ValueError(f"unfilled placeholder in a Lua script: {out[out.index('$') :][:20]}")
+    return out
+
 
 # KEYS[1] job hash, KEYS[2] events channel, KEYS[3] leases set
 # ARGV: allowed-from (comma list), to-state, lease token ('' = not checked),
 #       ttl for terminal ('' = none), job id, then field/value pairs
-_TRANSITION = (
-    "local active = "
-    + _ACTIVE_LUA
-    + """
+_TRANSITION = _lua(
+    """local active = $ACTIVE
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 local allowed = false
@@ -68,15 +97,13 @@ return {1, cur}
 # ARGV: new lease token, lease seconds, max attempts, token of a lease to take over
 #       ('' = none), holder identity, job id.
 # Returns {status, state, attempt}: status 1 claimed, 0 not claimable, 2 attempts exhausted.
-_CLAIM = (
-    "local active = "
-    + _ACTIVE_LUA
-    + """
+_CLAIM = _lua(
+    """local active = $ACTIVE
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, '', 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-if cur ~= 'queued' then
+if cur ~= $QUEUED then
   if not active[cur] then return {0, cur, 0} end
   local until_ = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
   if until_ > now then
@@ -88,24 +115,22 @@ end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
 if attempt > tonumber(ARGV[3]) then return {2, cur, attempt - 1} end
 local until_ = now + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'state', 'fetching', 'attempt', attempt, 'lease', ARGV[1],
+redis.call('HSET', KEYS[1], 'state', $FETCHING, 'attempt', attempt, 'lease', ARGV[1],
   'lease_until', string.format('%.6f', until_), 'lease_owner', ARGV[5],
   'attempt_started_at', string.format('%.6f', now), 'updated_at', string.format('%.6f', now))
 if not redis.call('HGET', KEYS[1], 'started_at') then
   redis.call('HSET', KEYS[1], 'started_at', string.format('%.6f', now))
 end
 redis.call('ZADD', KEYS[3], until_, ARGV[6])
-redis.call('PUBLISH', KEYS[2], 'fetching')
+redis.call('PUBLISH', KEYS[2], $FETCHING)
 return {1, cur, attempt}
 """
 )
 
 # Extend a lease. KEYS[1] job, KEYS[2] leases set. ARGV token, seconds, job id.
 # Returns 1 if still ours.
-_RENEW = (
-    "local active = "
-    + _ACTIVE_LUA
-    + """
+_RENEW = _lua(
+    """local active = $ACTIVE
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
 if not active[redis.call('HGET', KEYS[1], 'state')] then return 0 end
 local t = redis.call('TIME')
@@ -121,10 +146,8 @@ return 1
 # ARGV: job id, hard time limit (s, 0 = none), timeout error JSON, terminal ttl,
 #       worker-lost note JSON.
 # Returns {1, priority} requeued, {2, ''} failed (timeout), {0, ''} nothing to do.
-_EXPIRE = (
-    "local active = "
-    + _ACTIVE_LUA
-    + """
+_EXPIRE = _lua(
+    """local active = $ACTIVE
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur or not active[cur] then
   redis.call('ZREM', KEYS[3], ARGV[1])
@@ -142,15 +165,15 @@ local stamp = string.format('%.6f', now)
 local began = tonumber(redis.call('HGET', KEYS[1], 'attempt_started_at') or '0')
 local limit = tonumber(ARGV[2])
 if limit > 0 and began > 0 and now - began >= limit then
-  redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[3], 'lease', '',
+  redis.call('HSET', KEYS[1], 'state', $FAILED, 'error', ARGV[3], 'lease', '',
     'finished_at', stamp, 'updated_at', stamp)
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-  redis.call('PUBLISH', KEYS[2], 'failed')
+  redis.call('PUBLISH', KEYS[2], $FAILED)
   return {2, ''}
 end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'lease', '', 'lease_until', '0',
+redis.call('HSET', KEYS[1], 'state', $QUEUED, 'lease', '', 'lease_until', '0',
   'last_error', ARGV[5], 'updated_at', stamp)
-redis.call('PUBLISH', KEYS[2], 'queued')
+redis.call('PUBLISH', KEYS[2], $QUEUED)
 return {1, redis.call('HGET', KEYS[1], 'priority') or ''}
 """
 )
@@ -235,10 +258,19 @@ class IdempotencyConflict(Exception):
 class JobStore:
     """Reads and writes jobs of one deployment."""
 
-    def __init__(self, client: redis.Redis, deployment: str, terminal_ttl_s: int = 7 * 24 * 3600):
+    def __init__(
+        self,
+        client: redis.Redis,
+        deployment: str,
+        terminal_ttl_s: int = 7 * 24 * 3600,
+        on_terminal: OnTerminal | None = None,
+    ):
         self.r = client
         self.deployment = deployment
         self.terminal_ttl_s = terminal_ttl_s
+        #: called with the job id once a job this store ended is terminal (never raises
+        #: into the caller); the services pass one that enqueues the completion callback
+        self.on_terminal = on_terminal
         self._transition = client.register_script(_TRANSITION)
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
@@ -254,9 +286,17 @@ class JobStore:
 
     # -- creation ---------------------------------------------------------------
     def create(
-        self, spec: JobSpec, idempotency_key: str | None = None, idempotency_ttl_s: int = 86400
+        self,
+        spec: JobSpec,
+        idempotency_key: str | None = None,
+        idempotency_ttl_s: int = 86400,
+        *,
+        owner: str | None = None,
     ) -> tuple[str, bool]:
         """Store a new queued job; return ``(job_id, created)``.
+
+        ``owner`` is the tenant the job belongs to (stored with the job in the same atomic
+        script, field :data:`OWNER_FIELD`); None for jobs of the local tools.
 
         With an idempotency key, the same key and body return the first job
         (``created`` False); the same key with another body raises
@@ -279,6 +319,8 @@ class JobStore:
             "updated_at": now,
             "priority": spec.priority.value,
         }
+        if owner is not None:
+            fields[OWNER_FIELD] = owner
         argv: list[Any] = [job_id, body_hash, idempotency_ttl_s]
         for k, v in fields.items():
             argv += [k, v]
@@ -332,8 +374,52 @@ class JobStore:
         ok, _ = self._transition(keys=keys, args=argv)
         return bool(int(ok))
 
+    def finish(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        allowed_from: frozenset[JobState] | set[JobState] = NONTERMINAL,
+        lease: str = "",
+        error: dict[str, str] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """End a job: move it to terminal state ``to``, count it, call ``on_terminal``.
+
+        Only the caller whose atomic transition wins does the bookkeeping, so a job is
+        counted and its callback enqueued once however many processes race to end it.
+        ``error`` is the failure (``{"code", "message"}``) of a failed or cancelled job.
+        """
+        if to not in TERMINAL:
+            raise ValueError(f"{to.value} is not a terminal state")
+        fields["error"] = "" if error is None else json.dumps(error)
+        if not self.transition(job_id, allowed_from, to, lease=lease, **fields):
+            return False
+        self._ended(job_id, to, (error or {}).get("code", ""))
+        return True
+
+    def requeue(self, job_id: str, lease: str, last_error: dict[str, str]) -> bool:
+        """Put a job that is running under ``lease`` back to ``queued`` (to be retried)."""
+        return self.transition(
+            job_id, ACTIVE, JobState.QUEUED, lease=lease, last_error=json.dumps(last_error)
+        )
+
+    def _ended(self, job_id: str, state: JobState, code: str) -> None:
+        metrics.JOBS.labels(state.value, code).inc()
+        if self.on_terminal is None:
+            return
+        try:
+            self.on_terminal(job_id)
+        except Exception:
+            log.warning("the end-of-job hook failed for job %s", job_id, exc_info=True)
+
     def advance(self, job_id: str, to: JobState, lease: str, **fields: Any) -> bool:
-        """Move an active job (held under ``lease``) to the next state."""
+        """Move an active job (held under ``lease``) to the next active state.
+
+        Ending a job is :meth:`finish`'s (it does the bookkeeping); ``advance`` refuses.
+        """
+        if to in TERMINAL:
+            raise ValueError(f"advance() cannot end a job ({to.value}): use finish()")
         return self.transition(job_id, ACTIVE, to, lease=lease, **fields)
 
     def claim(
@@ -391,6 +477,7 @@ class JobStore:
                 out.append(Expired(job_id, "requeued", _text(priority)))
             elif int(status) == 2:
                 out.append(Expired(job_id, "timed_out"))
+                self._ended(job_id, JobState.FAILED, str(timeout_error.get("code", "")))
         return out
 
     def running(self) -> int:
@@ -399,12 +486,10 @@ class JobStore:
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job that has not finished; False if it already is terminal."""
-        nonterminal = {JobState.QUEUED, *ACTIVE}
-        return self.transition(
+        return self.finish(
             job_id,
-            nonterminal,
             JobState.CANCELLED,
-            error=json.dumps({"code": "cancelled", "message": "the job was cancelled"}),
+            error={"code": "cancelled", "message": "the job was cancelled"},
         )
 
 

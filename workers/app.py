@@ -191,22 +191,15 @@ def _on_hard_time_limit(
         return
     import redis
 
-    from clipline_core import metrics as m
-    from clipline_core.job import ACTIVE, JobState
-    from clipline_core.store import JobStore
-    from workers import monitor
+    from clipline_core.job import JobState
+    from workers import callbacks, monitor
 
     celery = sender.app
     settings: Settings = celery.conf.clipline_settings
     job_id = str(args[0])
-    store = JobStore(
-        redis.Redis.from_url(settings.redis_url), settings.deployment, settings.terminal_ttl_s
-    )
+    store = callbacks.job_store(settings, redis.Redis.from_url(settings.redis_url), celery)
     limit = float(exception.args[0]) if exception.args else settings.job_time_limit_s
-    error = monitor.timeout_error_json(limit)
-    if store.transition(job_id, {JobState.QUEUED, *ACTIVE}, JobState.FAILED, error=error):
-        m.JOBS.labels("failed", "timeout").inc()
-        monitor.notify_terminal(settings, store, job_id, celery)
+    if store.finish(job_id, JobState.FAILED, error=monitor.timeout_error(limit)):
         log.warning("job %s hit the hard time limit; failed it", job_id)
 
 

@@ -97,6 +97,21 @@ def notify(settings: Settings, store: JobStore, job_id: str, celery: Celery) -> 
         return False
 
 
+def job_store(settings: Settings, redis_client: Any, celery: Celery) -> JobStore:
+    """The deployment's job store, whose end-of-job hook enqueues completion callbacks.
+
+    Every service that may end a job (workers, their housekeeping, the API) uses this,
+    so a job's callback is enqueued by :meth:`JobStore.finish` and nowhere else.
+    """
+    store = JobStore(redis_client, settings.deployment, settings.terminal_ttl_s)
+    store.on_terminal = lambda job_id: _notify_quietly(settings, store, job_id, celery)
+    return store
+
+
+def _notify_quietly(settings: Settings, store: JobStore, job_id: str, celery: Celery) -> None:
+    notify(settings, store, job_id, celery)
+
+
 @dataclasses.dataclass(frozen=True)
 class Delivery:
     """The outcome of one delivery attempt."""

@@ -25,7 +25,6 @@ Housekeeping, every :data:`INTERVAL_S` seconds in the main process
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -183,13 +182,13 @@ class Monitor:
     def __init__(self, app: Any, settings: Settings, metrics_dir: Path | None) -> None:
         import redis
 
-        from clipline_core.store import JobStore
+        from workers import callbacks
 
         self.app = app
         self.settings = settings
         self.metrics_dir = metrics_dir
         self.redis = redis.Redis.from_url(settings.redis_url or app.conf.broker_url)
-        self.store = JobStore(self.redis, settings.deployment, settings.terminal_ttl_s)
+        self.store = callbacks.job_store(settings, self.redis, app)
         self.ticks = 0
 
     def tick(self) -> None:
@@ -212,7 +211,6 @@ class Monitor:
 
     def recover(self) -> list[str]:
         """Requeue jobs whose worker died; fail those past the hard time limit."""
-        from clipline_core import metrics as m
         from clipline_core.constants import PriorityClass
         from clipline_core.errors import ClipError, ErrorCode
 
@@ -235,9 +233,7 @@ class Monitor:
                     priority=cls.celery_priority,
                 )
                 log.warning("job %s lost its worker; queued it again", e.job_id)
-            else:
-                m.JOBS.labels("failed", ErrorCode.TIMEOUT.value).inc()
-                notify_terminal(self.settings, self.store, e.job_id, self.app)
+            else:  # the store counted it and enqueued its callback
                 log.warning("job %s ran past its time limit; failed it", e.job_id)
             done.append(e.job_id)
         return done
@@ -248,20 +244,9 @@ class Monitor:
             drop_dead_gauges(self.metrics_dir)
 
 
-def notify_terminal(settings: Settings, store: Any, job_id: str, celery: Any) -> None:
-    """Fire the job's completion callback (if it has one); never raises."""
-    try:
-        from workers import callbacks
-
-        callbacks.notify(settings, store, job_id, celery)
-    except Exception:
-        log.warning("completion callback of job %s not sent", job_id, exc_info=True)
-
-
-def timeout_error_json(limit_s: float) -> str:
-    return json.dumps(
-        {
-            "code": "timeout",
-            "message": f"the job did not finish within the time limit of {limit_s:.0f} s",
-        }
-    )
+def timeout_error(limit_s: float) -> dict[str, str]:
+    """The ``error`` of a job that ran past its hard time limit."""
+    return {
+        "code": "timeout",
+        "message": f"the job did not finish within the time limit of {limit_s:.0f} s",
+    }

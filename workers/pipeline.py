@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import json
 import logging
 import os
 import shutil
@@ -136,7 +135,7 @@ class JobRunner:
         self.redis = redis_client
         # The Celery app that sends completion callbacks (the task's own app in a worker).
         self.celery = celery if celery is not None else _callback_app(settings)
-        self.store = JobStore(redis_client, settings.deployment, settings.terminal_ttl_s)
+        self.store = callbacks.job_store(settings, redis_client, self.celery)
         self.gpu = GpuClient(settings, redis_client)
 
     def run(self, job_id: str, soft_limit_s: float | None = None) -> Result:
@@ -302,14 +301,17 @@ class JobRunner:
             "frames": clip.frames,
             "caption": wire.caption_of(results),
         }
-        if not self.store.advance(
-            job_id, JobState.SUCCEEDED, token, highlight=highlight, timings=timings, error=""
+        if not self.store.finish(
+            job_id,
+            JobState.SUCCEEDED,
+            allowed_from=ACTIVE,
+            lease=token,
+            highlight=highlight,
+            timings=timings,
         ):
             if not url:
                 dest.unlink(missing_ok=True)
             raise Cancelled()
-        m.JOBS.labels("succeeded", "").inc()
-        callbacks.notify(self.settings, self.store, job_id, self.celery)
         log.info(
             "job %s succeeded: %.2f-%.2f s (score %.3f)",
             job_id,
@@ -334,22 +336,14 @@ class JobRunner:
     def _handle_error(self, job_id: str, token: str, attempt: int, err: ClipError) -> Result:
         if err.transient and attempt < self.settings.max_attempts:
             log.warning("job %s attempt %d: %s (will retry)", job_id, attempt, err.message)
-            back = self.store.transition(
-                job_id, ACTIVE, JobState.QUEUED, lease=token, last_error=json.dumps(err.to_dict())
-            )
+            back = self.store.requeue(job_id, token, err.to_dict())
             return Result(Outcome.RETRY if back else Outcome.SKIPPED, err, attempt)
         log.warning("job %s failed: %s: %s", job_id, err.code.value, err.message)
-        if self.store.transition(
-            job_id, ACTIVE, JobState.FAILED, lease=token, error=json.dumps(err.to_dict())
+        if self.store.finish(
+            job_id, JobState.FAILED, allowed_from=ACTIVE, lease=token, error=err.to_dict()
         ):
-            m.JOBS.labels("failed", err.code.value).inc()
-            callbacks.notify(self.settings, self.store, job_id, self.celery)
             return Result(Outcome.FAILED, err, attempt)
         return Result(Outcome.SKIPPED, err, attempt)
 
     def _fail_unleased(self, job_id: str, err: ClipError) -> None:
-        if self.store.transition(
-            job_id, {JobState.QUEUED, *ACTIVE}, JobState.FAILED, error=json.dumps(err.to_dict())
-        ):
-            m.JOBS.labels("failed", err.code.value).inc()
-            callbacks.notify(self.settings, self.store, job_id, self.celery)
+        self.store.finish(job_id, JobState.FAILED, error=err.to_dict())

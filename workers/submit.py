@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from celery import Celery
@@ -14,10 +13,18 @@ from clipline_core.store import JobStore
 
 
 def submit(
-    store: JobStore, app: Celery, spec: JobSpec, idempotency_key: str | None = None
+    store: JobStore,
+    app: Celery,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    *,
+    owner: str | None = None,
 ) -> tuple[str, bool]:
-    """Return ``(job_id, created)``; a repeated idempotency key returns the first job."""
-    job_id, created = store.create(spec, idempotency_key)
+    """Return ``(job_id, created)``; a repeated idempotency key returns the first job.
+
+    ``owner`` is the tenant the job belongs to (None: a job of the local tools).
+    """
+    job_id, created = store.create(spec, idempotency_key, owner=owner)
     if created:
         try:
             app.send_task(
@@ -28,8 +35,8 @@ def submit(
             )
         except Exception as exc:
             err = ClipError(ErrorCode.INTERNAL, f"could not enqueue the job: {exc}")
-            store.transition(
-                job_id, {JobState.QUEUED}, JobState.FAILED, error=json.dumps(err.to_dict())
+            store.finish(
+                job_id, JobState.FAILED, allowed_from={JobState.QUEUED}, error=err.to_dict()
             )
             raise
     return job_id, created

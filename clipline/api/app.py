@@ -13,7 +13,7 @@ its field limits the API requires http(s) sources (local paths only where
 ``api_allow_local_paths`` is set, as on the local stack), refuses literal addresses
 that the fetch stage's SSRF rules forbid, caps the body (``api_max_body_bytes``,
 413) and accepts only JSON (415). Every error answer is ``{"error": {"code",
-"message", ...}}`` with a code from :class:`clipline_core.schema.ApiErrorCode`.
+"message", ...}}`` with a code from :class:`clipline_core.schema.ErrorCode`.
 
 Keys: 401 when the key is missing or unknown, 403 when it lacks the scope the route
 needs; a job belongs to the tenant of the key that created it and is invisible (404)
@@ -58,10 +58,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipline.api.auth import ApiKey, KeyConfigError, KeyRing, RateLimiter, load_keys
 from clipline_core import constants
-from clipline_core.errors import ClipError
+from clipline_core.errors import ApiError, ClipError, ErrorCode
 from clipline_core.job import Job, JobSpec, JobState
 from clipline_core.schema import (
-    ApiErrorCode,
     ErrorBody,
     ErrorDetail,
     ErrorInfo,
@@ -72,7 +71,7 @@ from clipline_core.schema import (
     links,
 )
 from clipline_core.settings import Settings
-from clipline_core.store import IdempotencyConflict, JobStore, _to_job
+from clipline_core.store import OWNER_FIELD, IdempotencyConflict, _to_job
 from workers import callbacks, fetch
 from workers.app import make_app
 from workers.submit import submit
@@ -81,7 +80,6 @@ log = logging.getLogger("clipline.api")
 T = TypeVar("T")
 
 API_VERSION = "1.0.0"
-OWNER_FIELD = "tenant"  # job-hash field naming the tenant whose key created the job
 _JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _IDEMPOTENCY_RE = r"^[\x21-\x7e]{1,255}$"
 
@@ -98,31 +96,9 @@ REQUEST_SECONDS = Histogram(
 )
 
 
-class ApiError(Exception):
-    """An error answer: HTTP status, stable code, message."""
-
-    def __init__(
-        self,
-        status: int,
-        code: ApiErrorCode,
-        message: str,
-        *,
-        headers: dict[str, str] | None = None,
-        details: list[ErrorDetail] | None = None,
-        job_id: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
-        self.details = details
-        self.job_id = job_id
-
-
 def _error_response(
     status: int,
-    code: ApiErrorCode,
+    code: ErrorCode | str,
     message: str,
     *,
     headers: dict[str, str] | None = None,
@@ -168,8 +144,8 @@ class Services:
             socket_connect_timeout=2.0,
             health_check_interval=30,
         )
-        self.store = JobStore(self.redis, settings.deployment, settings.terminal_ttl_s)
         self.celery: Celery = make_app(settings)
+        self.store = callbacks.job_store(settings, self.redis, self.celery)
         self.celery.conf.task_send_sent_event = False
         self.limiter = RateLimiter(
             self.redis, settings.deployment, settings.api_rate_limit, settings.api_rate_burst
@@ -239,7 +215,7 @@ class _Guard:
         if declared is not None:
             if not declared.isdigit():
                 return _error_response(
-                    400, ApiErrorCode.MALFORMED_BODY, "invalid Content-Length"
+                    400, ErrorCode.MALFORMED_BODY, "invalid Content-Length"
                 ), receive
             if int(declared) > self.max_body:
                 return self._too_large(), receive
@@ -249,7 +225,7 @@ class _Guard:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                gone = _error_response(400, ApiErrorCode.MALFORMED_BODY, "client went away")
+                gone = _error_response(400, ErrorCode.MALFORMED_BODY, "client went away")
                 return gone, receive
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -263,7 +239,7 @@ class _Guard:
             if ctype != "application/json" and not ctype.endswith("+json"):
                 return _error_response(
                     415,
-                    ApiErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                    ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                     "the request body must be JSON (Content-Type: application/json)",
                 ), receive
         delivered = False
@@ -280,7 +256,7 @@ class _Guard:
     def _too_large(self) -> JSONResponse:
         return _error_response(
             413,
-            ApiErrorCode.BODY_TOO_LARGE,
+            ErrorCode.BODY_TOO_LARGE,
             f"the request body exceeds {self.max_body} bytes",
         )
 
@@ -288,7 +264,7 @@ class _Guard:
 # ---------------------------------------------------------------------------
 # Request checks.
 # ---------------------------------------------------------------------------
-def _invalid(field: str, message: str, code: ApiErrorCode = ApiErrorCode.INVALID_REQUEST) -> None:
+def _invalid(field: str, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> None:
     detail = ErrorDetail(loc=["body", field], message=message)
     raise ApiError(422, code, f"{field}: {message}", details=[detail])
 
@@ -318,7 +294,7 @@ def _check_remote(field: str, url: str, settings: Settings) -> None:
     try:
         fetch.resolve_checked(host, port or (443 if parsed.scheme == "https" else 80), settings)
     except ClipError as err:
-        _invalid(field, err.message, ApiErrorCode.FORBIDDEN_SOURCE)
+        _invalid(field, err.message, ErrorCode.FORBIDDEN_SOURCE)
 
 
 def _check_source(field: str, source: str, settings: Settings) -> None:
@@ -391,23 +367,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         if any(e.get("type") == "json_invalid" for e in errors):
             return _error_response(
-                400, ApiErrorCode.MALFORMED_BODY, "the body is not valid JSON", details=details
+                400, ErrorCode.MALFORMED_BODY, "the body is not valid JSON", details=details
             )
         summary = "; ".join(
             f"{'.'.join(str(p) for p in d.loc[1:]) or d.loc[0] if d.loc else '?'}: {d.message}"
             for d in details[:3]
         )
         return _error_response(
-            422, ApiErrorCode.INVALID_REQUEST, f"invalid request: {summary}", details=details
+            422, ErrorCode.INVALID_REQUEST, f"invalid request: {summary}", details=details
         )
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = {
-            404: ApiErrorCode.NOT_FOUND,
-            405: ApiErrorCode.METHOD_NOT_ALLOWED,
-            400: ApiErrorCode.MALFORMED_BODY,
-        }.get(exc.status_code, ApiErrorCode.INVALID_REQUEST)
+            404: ErrorCode.NOT_FOUND,
+            405: ErrorCode.METHOD_NOT_ALLOWED,
+            400: ErrorCode.MALFORMED_BODY,
+        }.get(exc.status_code, ErrorCode.INVALID_REQUEST)
         return _error_response(
             exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
         )
@@ -416,7 +392,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("backend unavailable: %s: %s", type(exc).__name__, exc)
         return _error_response(
             503,
-            ApiErrorCode.UNAVAILABLE,
+            ErrorCode.UNAVAILABLE,
             "the job store or queue is unavailable; retry later",
             headers={"Retry-After": "1"},
         )
@@ -435,7 +411,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if credentials is None:
                 raise ApiError(
                     401,
-                    ApiErrorCode.UNAUTHENTICATED,
+                    ErrorCode.UNAUTHENTICATED,
                     "missing API key: send Authorization: Bearer <key>",
                     headers={"WWW-Authenticate": 'Bearer realm="clipline"'},
                 )
@@ -443,14 +419,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if key is None:
                 raise ApiError(
                     401,
-                    ApiErrorCode.UNAUTHENTICATED,
+                    ErrorCode.UNAUTHENTICATED,
                     "unknown API key",
                     headers={"WWW-Authenticate": 'Bearer realm="clipline", error="invalid_token"'},
                 )
             if scope not in key.scopes:
                 raise ApiError(
                     403,
-                    ApiErrorCode.FORBIDDEN,
+                    ErrorCode.FORBIDDEN,
                     f"API key {key.id!r} may not {scope} (its scopes: "
                     f"{', '.join(sorted(key.scopes))})",
                 )
@@ -459,7 +435,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if wait > 0:
                     raise ApiError(
                         429,
-                        ApiErrorCode.RATE_LIMITED,
+                        ErrorCode.RATE_LIMITED,
                         f"rate limit of {svc.limiter.rate:g} requests/s exceeded",
                         headers={"Retry-After": str(max(1, math.ceil(wait)))},
                     )
@@ -474,31 +450,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def enqueue(
         spec: JobSpec, scoped: str | None, tenant: str
     ) -> tuple[str, bool, JobState | None]:
-        job_id, created = submit(svc.store, svc.celery, spec, scoped)
+        job_id, created = submit(svc.store, svc.celery, spec, scoped, owner=tenant)
         if created:
-            svc.redis.hset(svc.store.key(job_id), OWNER_FIELD, tenant)
             return job_id, True, JobState.QUEUED
         return job_id, False, svc.store.state(job_id)
 
     def load(job_id: str, key: ApiKey) -> Job:
         if not _JOB_ID_RE.match(job_id):
-            raise ApiError(404, ApiErrorCode.NOT_FOUND, f"no job {job_id!r}")
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id!r}")
         raw = svc.store.raw(job_id)
         if not raw or "state" not in raw or raw.get(OWNER_FIELD, key.tenant) != key.tenant:
             raise ApiError(
-                404, ApiErrorCode.NOT_FOUND, f"no job {job_id!r} (expired or never existed)"
+                404, ErrorCode.NOT_FOUND, f"no job {job_id!r} (expired or never existed)"
             )
         return _to_job(raw)
 
     def cancel(job_id: str, key: ApiKey) -> Job:
         job = load(job_id, key)
         if not job.terminal and svc.store.cancel(job_id):
-            callbacks.notify(settings, svc.store, job_id, svc.celery)
             return load(job_id, key)
         job = load(job_id, key)
         raise ApiError(
             409,
-            ApiErrorCode.CONFLICT,
+            ErrorCode.CONFLICT,
             f"job {job_id} already {job.state.value}; it cannot be cancelled",
             job_id=job_id,
         )
@@ -540,7 +514,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except IdempotencyConflict as exc:
             raise ApiError(
                 409,
-                ApiErrorCode.IDEMPOTENCY_CONFLICT,
+                ErrorCode.IDEMPOTENCY_CONFLICT,
                 f"{constants.HEADER_IDEMPOTENCY_KEY} was already used with another body",
                 job_id=exc.job_id,
             ) from None
@@ -589,7 +563,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if job.terminal
                 else f"job {job_id} is still {job.state.value}; wait for it to succeed"
             )
-            raise ApiError(409, ApiErrorCode.NOT_READY, msg, job_id=job_id)
+            raise ApiError(409, ErrorCode.NOT_READY, msg, job_id=job_id)
         h = job.highlight
         path = Path(h.path).resolve() if h is not None and h.path else None
         if path is None or svc.artifacts not in path.parents or not path.is_file():
@@ -600,7 +574,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
             else:
                 msg = "the clip is no longer available here (expired or removed)"
-            raise ApiError(404, ApiErrorCode.NOT_FOUND, msg, job_id=job_id)
+            raise ApiError(404, ErrorCode.NOT_FOUND, msg, job_id=job_id)
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(
             path,

@@ -4,7 +4,7 @@
 helpers for credentials (in-cluster service account first, then ``KUBECONFIG``). It
 offers exactly what the reconciler needs (:class:`Cluster`): list the GPU nodes, list,
 create-or-patch, scale and delete the owned workloads. Every API failure raises
-:class:`ApiError`, whose ``temporary`` flag tells the handlers whether to retry
+:class:`KubeApiError`, whose ``temporary`` flag tells the handlers whether to retry
 (conflicts, throttling, server errors, network trouble) or give up (bad requests,
 forbidden, invalid objects).
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 TEMPORARY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
-class ApiError(Exception):
+class KubeApiError(Exception):
     """A failed Kubernetes API call."""
 
     def __init__(self, status: int, message: str, *, method: str = "", path: str = "") -> None:
@@ -167,10 +167,10 @@ class KubeApi:
                         message = json.loads(text).get("message", text)
                     except ValueError:
                         message = text
-                    raise ApiError(rsp.status, str(message)[:500], method=method, path=path)
+                    raise KubeApiError(rsp.status, str(message)[:500], method=method, path=path)
                 return json.loads(text) if text else {}
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise ApiError(0, f"{type(exc).__name__}: {exc}", method=method, path=path) from exc
+            raise KubeApiError(0, f"{type(exc).__name__}: {exc}", method=method, path=path) from exc
 
     # -- what the reconciler uses ---------------------------------------
     async def list_nodes(self, selector: Mapping[str, str]) -> list[NodeInfo]:
@@ -216,7 +216,7 @@ class KubeApi:
         path = object_path(obj)
         try:
             live = await self.request("GET", path)
-        except ApiError as exc:
+        except KubeApiError as exc:
             if exc.status != 404:
                 raise
             coll = path.rsplit("/", 1)[0]
@@ -225,7 +225,7 @@ class KubeApi:
                     "POST", coll, body=obj, params={"fieldManager": self.FIELD_MANAGER}
                 )
                 return created, "created"
-            except ApiError as post_exc:
+            except KubeApiError as post_exc:
                 if post_exc.status != 409:  # 409: created meanwhile; compare with it below
                     raise
             live = await self.request("GET", path)
@@ -273,6 +273,6 @@ class KubeApi:
     async def delete(self, obj: Mapping[str, Any]) -> None:
         try:
             await self.request("DELETE", object_path(obj), body={"propagationPolicy": "Background"})
-        except ApiError as exc:
+        except KubeApiError as exc:
             if exc.status != 404:
                 raise

@@ -40,7 +40,7 @@ import kopf
 from clipline_core import constants
 from clipline_operator import metrics, reconcile
 from clipline_operator.builders import Pipeline
-from clipline_operator.cluster import ApiError, KubeApi
+from clipline_operator.cluster import KubeApi, KubeApiError
 from clipline_operator.crd import SpecError
 
 RESOURCE = (constants.CRD_GROUP, constants.CRD_VERSION, constants.CRD_PLURAL)
@@ -94,7 +94,7 @@ def api_errors() -> Iterator[None]:
     """Map Kubernetes API failures to kopf's temporary/permanent errors."""
     try:
         yield
-    except ApiError as exc:
+    except KubeApiError as exc:
         if exc.temporary or exc.status == 401:
             raise kopf.TemporaryError(str(exc), delay=OPTIONS.retry_delay_s) from exc
         raise kopf.PermanentError(str(exc)) from exc

@@ -15,12 +15,11 @@ import pytest
 import redis
 from api_helpers import CALLBACK_SECRET, Api, Keys, api_settings, running_api
 
-from clipline.api.app import OWNER_FIELD
 from clipline.client import ApiError
 from clipline_core import constants
 from clipline_core.job import JobState
 from clipline_core.settings import Settings
-from clipline_core.store import JobStore
+from clipline_core.store import OWNER_FIELD, JobStore
 
 VIDEO = "https://cdn.example.com/videos/product.mp4"
 IMAGE = "https://cdn.example.com/images/product.jpg"
@@ -386,16 +385,15 @@ def test_cancel_enqueues_a_signed_cancelled_event(
 # highlight download
 # ---------------------------------------------------------------------------
 def _succeed(api: Api, job_id: str, highlight: dict[str, Any]) -> None:
-    """Finish a job the way a worker does: claim it, then advance it to succeeded."""
+    """Finish a job the way a worker does: claim it, then finish it as succeeded."""
     store = JobStore(redis.Redis.from_url(api.settings.redis_url), api.settings.deployment)
     assert store.claim(job_id, "lease-x", 30.0, 5)[0] == 1
-    assert store.advance(
+    assert store.finish(
         job_id,
         JobState.SUCCEEDED,
-        "lease-x",
+        lease="lease-x",
         highlight=highlight,
         timings={"queued": 0.1, "fetch": 0.2, "total": 1.5},
-        error="",
     )
 
 

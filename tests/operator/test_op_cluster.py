@@ -14,7 +14,7 @@ from op_helpers import Emulator, declare_resources
 
 from clipline_operator import builders, handlers
 from clipline_operator.builders import Pipeline
-from clipline_operator.cluster import ApiError, KubeApi
+from clipline_operator.cluster import KubeApi, KubeApiError
 
 
 def _pipeline(image: str = "img:1") -> Pipeline:
@@ -79,11 +79,11 @@ async def test_nodes_are_filtered_by_labels(api: tuple[Emulator, KubeApi]) -> No
 @pytest.mark.asyncio
 async def test_api_errors_carry_status(api: tuple[Emulator, KubeApi]) -> None:
     _, client = api
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(KubeApiError) as err:
         await client.request("GET", "/apis/apps/v1/namespaces/ns/deployments/missing")
     assert err.value.status == 404 and not err.value.temporary
     unreachable = KubeApi(login=lambda: kopf.ConnectionInfo(server="http://127.0.0.1:1"))
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(KubeApiError) as err:
         await unreachable.request("GET", "/api/v1/nodes")
     await unreachable.close()
     assert err.value.status == 0 and err.value.temporary
@@ -103,7 +103,7 @@ async def test_api_errors_carry_status(api: tuple[Emulator, KubeApi]) -> None:
 )
 def test_api_errors_map_to_kopf_errors(status: int, kind: type[Exception]) -> None:
     with pytest.raises(kind), handlers.api_errors():
-        raise ApiError(status, "boom")
+        raise KubeApiError(status, "boom")
 
 
 def test_seniority_priority_prefers_older_replicas() -> None:

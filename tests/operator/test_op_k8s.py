@@ -22,7 +22,7 @@ import pytest
 
 from clipline_core import constants
 from clipline_operator import builders, crd
-from clipline_operator.cluster import ApiError, KubeApi
+from clipline_operator.cluster import KubeApi, KubeApiError
 
 pytestmark = pytest.mark.k8s
 
@@ -47,7 +47,7 @@ async def _scenario() -> None:
         await api.request(
             "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", body=crd.build_crd()
         )
-    except ApiError as exc:
+    except KubeApiError as exc:
         if exc.status != 409:
             raise
     await api.request("POST", "/api/v1/namespaces", body={"metadata": {"name": ns}})
@@ -58,7 +58,7 @@ async def _scenario() -> None:
             try:
                 await api.request("GET", f"{CRD_BASE}/namespaces/{ns}/{constants.CRD_PLURAL}")
                 return True
-            except ApiError:
+            except KubeApiError:
                 return False
 
         await _until("CRD served", crd_served)

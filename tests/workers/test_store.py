@@ -84,7 +84,7 @@ def test_transitions_are_checked_and_leased(store: JobStore) -> None:
     assert store.claim(job_id, "L2", 30, 5)[0] == 0
     assert store.running() == 1
     hl = {"start_s": 1.0, "end_s": 6.0, "score": 0.5}
-    assert store.advance(job_id, JobState.SUCCEEDED, "L1", highlight=hl)
+    assert store.finish(job_id, JobState.SUCCEEDED, allowed_from=ACTIVE, lease="L1", highlight=hl)
     job = store.get(job_id)
     assert job is not None and job.state == JobState.SUCCEEDED and job.finished_at
     assert store.running() == 0
@@ -192,7 +192,9 @@ def test_progress_shows_states_passed_between_polls(
     timings |= {"inference": 0.05}
     assert store.advance(job_id, JobState.RENDERING, "L1", timings=timings)
     timings |= {"render": 0.01, "total": 0.1}
-    assert store.advance(job_id, JobState.SUCCEEDED, "L1", timings=timings)
+    assert store.finish(
+        job_id, JobState.SUCCEEDED, allowed_from=ACTIVE, lease="L1", timings=timings
+    )
 
     job = _wait(store, job_id, 5.0, progress=True)
     assert job.state == JobState.SUCCEEDED
@@ -212,3 +214,69 @@ def test_progress_does_not_invent_states_for_a_failed_job(
     _wait(store, job_id, 5.0, progress=True)
     states = [line.split("]")[1].strip() for line in capsys.readouterr().out.splitlines()]
     assert states == ["failed"]
+
+
+# ---------------------------------------------------------------------------
+# one owner for a job's end of life
+# ---------------------------------------------------------------------------
+def _jobs_total(status: str, code: str) -> float:
+    from clipline_core import metrics
+
+    return metrics.JOBS.labels(status, code)._value.get()
+
+
+def test_finish_counts_and_calls_the_hook_once_for_the_winner(store: JobStore) -> None:
+    ended: list[str] = []
+    store.on_terminal = ended.append
+    job_id, _ = store.create(spec())
+    before = _jobs_total("failed", "timeout")
+    err = {"code": "timeout", "message": "too slow"}
+    results = [store.finish(job_id, JobState.FAILED, error=err) for _ in range(3)]
+    assert results == [True, False, False]
+    assert ended == [job_id]
+    assert _jobs_total("failed", "timeout") == before + 1
+    job = store.get(job_id)
+    assert job is not None and job.state == JobState.FAILED and job.error is not None
+    assert job.error.code == "timeout"
+
+
+def test_cancel_is_counted_as_cancelled(store: JobStore) -> None:
+    ended: list[str] = []
+    store.on_terminal = ended.append
+    job_id, _ = store.create(spec())
+    before = _jobs_total("cancelled", "cancelled")
+    assert store.cancel(job_id) and not store.cancel(job_id)
+    assert _jobs_total("cancelled", "cancelled") == before + 1
+    assert ended == [job_id]
+
+
+def test_advance_refuses_to_end_a_job_and_finish_refuses_an_active_state(
+    store: JobStore,
+) -> None:
+    job_id, _ = store.create(spec())
+    with pytest.raises(ValueError, match="finish"):
+        store.advance(job_id, JobState.SUCCEEDED, "token")
+    with pytest.raises(ValueError, match="not a terminal"):
+        store.finish(job_id, JobState.DECODING)
+    assert store.state(job_id) == JobState.QUEUED
+
+
+def test_create_stores_the_owner_atomically(store: JobStore) -> None:
+    from clipline_core.store import OWNER_FIELD
+
+    owned, _ = store.create(spec(), owner="tenant-a")
+    local, _ = store.create(spec())
+    assert store.raw(owned)[OWNER_FIELD] == "tenant-a"
+    assert OWNER_FIELD not in store.raw(local)
+
+
+def test_lua_scripts_take_state_names_from_the_enum() -> None:
+    from clipline_core import store as store_module
+
+    for script in (store_module._CLAIM, store_module._EXPIRE, store_module._TRANSITION):
+        assert "$" not in script
+    active = store_module._CLAIM.split("\n", 1)[0]
+    for s in ACTIVE:
+        assert f"{s.value}=true" in active
+    with pytest.raises(ValueError, match="placeholder"):
+        store_module._lua("return $NOT_A_STATE")
