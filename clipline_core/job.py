@@ -88,6 +88,27 @@ class JobError(BaseModel):
     message: str
 
 
+class ProductBox(BaseModel):
+    """The product's box in one verified frame: time (s), box (x, y, w, h as fractions)."""
+
+    t: float
+    box: list[float]
+
+
+class ProductEvidence(BaseModel):
+    """Where the product is in the highlight, from the localizer."""
+
+    found: bool = Field(description="the product was seen in the chosen window")
+    score: float = Field(description="mean per-frame evidence over the window, 0-1")
+    frames: int = Field(description="sampled frames in the window")
+    verified_frames: int = Field(description="frames where geometry verified the product")
+    mean_inliers: float = Field(description="mean verified keypoint matches per frame")
+    box: list[float] | None = Field(
+        None, description="the product's box over the clip: x, y, w, h as fractions of the picture"
+    )
+    boxes: list[ProductBox] = Field(default_factory=list, description="per verified frame")
+
+
 class Highlight(BaseModel):
     start_s: float
     end_s: float
@@ -98,6 +119,7 @@ class Highlight(BaseModel):
     codec: str | None = None
     audio: bool | None = None
     frames: int | None = None
+    product: ProductEvidence | None = None
 
 
 class Job(BaseModel):

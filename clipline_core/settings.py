@@ -46,7 +46,9 @@ class Settings:
 
     # What the workers produce for the daemon (published in the arena header too).
     frames_per_chunk: int = 16
-    frame_size: int = 128
+    # Frames are letterboxed into frame_size x frame_size (aspect kept): 288 keeps a
+    # product at a quarter of the width about 70 px wide, and 16 frames in a 4 MiB slot.
+    frame_size: int = 288
     sample_fps: float = 4.0
 
     # GPU daemon.
@@ -54,7 +56,7 @@ class Settings:
     max_batch_size: int = 8
     max_queue_delay_ms: float = 5.0
     torch_threads: int = 0  # 0: min(4, cores)
-    models: str = "features"  # comma-separated registry names run per chunk
+    models: str = "localizer"  # comma-separated registry names run per chunk
     backend: str = "eager"
     weights_dir: str = ""
     model_backends: str = ""  # per-model override, e.g. "saliency:compile,embed:eager"
@@ -67,6 +69,8 @@ class Settings:
     embed_size: int = 0  # input side; 0: 224 on CUDA, 112 on CPU
     embed_heads: int = 0  # 0: width / 64
     copywriter_max_new_tokens: int = 24
+    localizer_features: str = "auto"  # auto (kornia on CUDA, else OpenCV) | sift_cv2 | sift_kornia
+    localizer_keypoints: int = 512
     daemon_metrics_port: int = 0  # 0: no HTTP endpoint
     result_ttl_s: int = 3600
 

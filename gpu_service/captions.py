@@ -1,7 +1,7 @@
 """Highlight captions in the GPU daemon: intake, batching and fair scheduling.
 
 A worker that wants a caption for a job pushes one small JSON request
-(:class:`gpu_service.wire.CaptionRequest`: job id, generation, title, description,
+(:class:`gpu_service.protocol.CaptionRequest`: job id, generation, title, description,
 priority, expiry) onto a Redis list per deployment,
 ``constants.caption_requests_key(deployment)``, as soon as the job's sources are
 fetched, so the caption is written while the video is still being decoded. The answer
@@ -72,8 +72,8 @@ from clipline_core import metrics as m
 from gpu_service.executor import BusyMeter, DeviceFailure, is_fatal
 from gpu_service.models.copywriter import caption_prompt
 from gpu_service.models.text import TextModel
+from gpu_service.protocol import CaptionRequest
 from gpu_service.publisher import ResultPublisher
-from gpu_service.wire import CaptionRequest
 
 log = logging.getLogger("clipline.gpu")
 

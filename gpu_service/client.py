@@ -30,7 +30,7 @@ from typing import Any
 from clipline_core import constants
 from clipline_core.errors import ClipError, ErrorCode
 from clipline_core.settings import Settings
-from gpu_service import wire
+from gpu_service import protocol
 from gpu_service.shm import Producer
 
 log = logging.getLogger("clipline.worker")
@@ -64,7 +64,7 @@ class GpuClient:
         if not raw:
             return False
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        _backend, trusted = wire.parse_models(text).get(constants.CAPTION_MODEL, ("", False))
+        _backend, trusted = protocol.parse_models(text).get(constants.CAPTION_MODEL, ("", False))
         return trusted
 
     def request_caption(
@@ -79,7 +79,7 @@ class GpuClient:
             return False
         s = self.settings
         ttl_s = max(s.inference_timeout_s, s.job_time_limit_s, s.job_soft_time_limit_s, 60.0)
-        req = wire.CaptionRequest.make(
+        req = protocol.CaptionRequest.make(
             job_id=job_id,
             generation=generation,
             title=title,
@@ -147,7 +147,7 @@ class GpuClient:
             if item is None:
                 continue
             msg = json.loads(item[1])
-            if msg.get("kind") == wire.CAPTION_KIND:
+            if msg.get("kind") == protocol.CAPTION_KIND:
                 if caption_generation is None or msg.get("generation") != caption_generation:
                     continue  # not asked for, or for an earlier generation
                 if msg.get("error"):

@@ -266,11 +266,16 @@ class Executor:
     def _run_models(
         self,
         frames: torch.Tensor,
-        n: int,
+        batch: Batch,
         models: Sequence[Model],
         mark: Callable[[Model], None],
     ) -> list[Segment]:
-        """Run every model on rows ``0..n-1``; bisect on errors; return the segments."""
+        """Run every model on rows ``0..n-1``; bisect on errors; return the segments.
+
+        A batch-aware model (``batch_aware``) is told the kind and the items of the rows
+        it is about to get (:meth:`Model.bind`) before each call.
+        """
+        n = len(batch)
 
         def attempt(lo: int, hi: int, top: bool) -> list[Segment]:
             size = hi - lo
@@ -284,6 +289,8 @@ class Executor:
                         padded = bucket_for(size, mdl.batch_buckets)
                         if padded > size and lo + padded <= int(frames.shape[0]):
                             x = frames[lo : lo + padded]
+                    if mdl.batch_aware:
+                        mdl.bind(batch.kind, batch.items[lo:hi])
                     result = mdl(x)
                     for key, value in result.items():
                         if value.dim() < 2 or int(value.shape[0]) < size:
@@ -291,7 +298,8 @@ class Executor:
                                 f"output {key!r} has shape {list(value.shape)}, "
                                 f"expected [{size}, T, ...]"
                             )
-                        outs[f"{mdl.name}.{key}"] = value[:size]
+                        name = mdl.outputs[key] if mdl.outputs else f"{mdl.name}.{key}"
+                        outs[name] = value[:size]
                     if top:
                         mark(mdl)
             except Exception as exc:
@@ -375,7 +383,7 @@ class CpuExecutor(Executor):
             with torch.inference_mode():
                 segments = self._run_models(
                     staged.frames,
-                    len(staged.batch),
+                    staged.batch,
                     models,
                     lambda mdl: marks.append((mdl, time.monotonic())),
                 )
@@ -525,7 +533,7 @@ class CudaExecutor(Executor):
         with torch.cuda.stream(cs), torch.inference_mode():
             start = torch.cuda.Event(enable_timing=True)
             start.record(cs)
-            segments = self._run_models(staged.frames, len(staged.batch), models, mark)
+            segments = self._run_models(staged.frames, staged.batch, models, mark)
             end = torch.cuda.Event(enable_timing=True)
             end.record(cs)
             for seg in segments:

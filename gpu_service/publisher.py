@@ -2,7 +2,7 @@
 
 The engine hands each finished batch (host tensors, already off the device) to
 :class:`ResultPublisher`. Its thread cuts every item's outputs to the item's own frame
-count, encodes the message (:mod:`gpu_service.wire`), pushes all messages of the batches
+count, encodes the message (:mod:`gpu_service.protocol`), pushes all messages of the batches
 waiting at that moment through one Redis pipeline (``RPUSH`` + ``EXPIRE`` per job list),
 and records the per-batch metrics. The launch thread only enqueues a reference. Caption
 answers (:mod:`gpu_service.captions`) take the same way, one message per request.
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from clipline_core import constants
 from clipline_core import metrics as m
-from gpu_service import wire
+from gpu_service import protocol
 from gpu_service.executor import Completed
 from gpu_service.shm import Descriptor
 
@@ -68,7 +68,7 @@ class _Captions:
 
     def __init__(
         self,
-        answers: Sequence[tuple[wire.CaptionRequest, str | None, str | None]],
+        answers: Sequence[tuple[protocol.CaptionRequest, str | None, str | None]],
         *,
         model: str,
         trusted: bool,
@@ -125,7 +125,7 @@ class ResultPublisher:
 
     def captions(
         self,
-        answers: Sequence[tuple[wire.CaptionRequest, str | None, str | None]],
+        answers: Sequence[tuple[protocol.CaptionRequest, str | None, str | None]],
         *,
         model: str,
         trusted: bool,
@@ -231,7 +231,7 @@ class ResultPublisher:
         now = time.time()
         out = []
         for req, caption, error in entry.answers:
-            msg = wire.caption_message(
+            msg = protocol.caption_message(
                 request=req,
                 caption=caption,
                 model=entry.model,
@@ -244,7 +244,7 @@ class ResultPublisher:
                 batch_seq=entry.batch_seq,
                 error=error,
             )
-            out.append((req.job_id, wire.dumps(msg)))
+            out.append((req.job_id, protocol.dumps(msg)))
             if error:
                 self.errors += 1
         return out
@@ -252,7 +252,7 @@ class ResultPublisher:
     def _encode_rejected(self, entry: _Rejected) -> list[tuple[str, str]]:
         out = []
         for d, reason in entry.items:
-            msg = wire.result_message(
+            msg = protocol.result_message(
                 job_id=d.job_id,
                 generation=d.generation,
                 chunk=d.chunk,
@@ -269,7 +269,7 @@ class ResultPublisher:
                 batch_seq=entry.seq,
                 error=reason,
             )
-            out.append((d.job_id, wire.dumps(msg)))
+            out.append((d.job_id, protocol.dumps(msg)))
             self.errors += 1
         return out
 
@@ -287,7 +287,7 @@ class ResultPublisher:
                 t = int(d.shape[0])
                 wait = max(0.0, batch.formed_at - d.published_at)
                 m.QUEUE_WAIT.observe(wait)
-                msg = wire.result_message(
+                msg = protocol.result_message(
                     job_id=d.job_id,
                     generation=d.generation,
                     chunk=d.chunk,
@@ -304,7 +304,7 @@ class ResultPublisher:
                     batch_seq=batch.seq,
                     error=seg.error,
                 )
-                out.append((d.job_id, wire.dumps(msg)))
+                out.append((d.job_id, protocol.dumps(msg)))
                 if seg.error:
                     self.errors += 1
                 else:

@@ -43,9 +43,9 @@ from clipline_core.errors import ClipError, ErrorCode
 from clipline_core.job import ACTIVE, JobSpec, JobState
 from clipline_core.settings import Settings
 from clipline_core.store import JobStore, holder_identity, holder_is_dead
-from gpu_service import wire
+from gpu_service import protocol
 from gpu_service.client import GpuClient
-from workers import callbacks, decode, fetch, preprocess, render, select, upload
+from workers import callbacks, decode, fetch, localize, preprocess, render, select, upload
 from workers.app import make_app
 
 log = logging.getLogger("clipline.worker")
@@ -252,7 +252,7 @@ class JobRunner:
                 raise Cancelled()
 
         try:
-            results = self.gpu.collect(
+            messages = self.gpu.collect(
                 job_id,
                 sink.generation,
                 sink.published,
@@ -263,12 +263,18 @@ class JobRunner:
         except BaseException:
             sink.withdraw_all()
             raise
+        results = protocol.JobResults.from_messages(messages)
         timings["inference"] = round(time.monotonic() - infer_start, 6)
         m.STAGE_SECONDS.labels("inference").observe(timings["inference"])
         self._advance(job_id, JobState.RENDERING, token, timings=timings)
 
         with stage("render", timings):
-            choice = select.select(results, info.kept_timestamps, info.duration_s, spec.duration_s)
+            try:
+                choice = select.select(
+                    results, info.kept_timestamps, info.duration_s, spec.duration_s
+                )
+            except localize.ProductImagesLost as exc:  # the daemon restarted mid-job
+                raise ClipError(ErrorCode.GPU_UNAVAILABLE, f"{exc}; the job is retried") from exc
             first, n_frames = info.frames_between(choice.start_s, choice.end_s)
             if spec.upload_url:
                 dest = scratch / "clip.mp4"
@@ -299,7 +305,8 @@ class JobRunner:
             "codec": clip.codec,
             "audio": clip.audio,
             "frames": clip.frames,
-            "caption": wire.caption_of(results),
+            "caption": results.caption.caption if results.caption else None,
+            "product": choice.product,
         }
         if not self.store.finish(
             job_id,

@@ -1,6 +1,12 @@
 """Highlight selection: turn the daemon's per-frame outputs into the best window.
 
-Scoring (documented in the README):
+With the product localizer's outputs (the default model set), the window is the one
+where the product is found: :mod:`workers.localize` (verified geometry, colour over
+regions for low-texture products, no reward for motion), and the selection carries
+``product`` (found, verified frames, mean inliers, the product's box over the clip).
+
+Without them (a model set without ``localizer``), the whole-frame scorer below, kept
+for comparison (``clipline bench quality`` measures both):
 
 1. **Product similarity** of each sampled frame to the product images, training-free,
    so it works on real footage without any learned weights:
@@ -28,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from gpu_service.wire import decode_array
+from gpu_service.protocol import EMBED, FEATURES, SALIENCY, JobResults
+from workers import localize
 
 W_HIST = 0.6
 W_THUMB = 0.4
@@ -43,46 +50,33 @@ class Selection:
     end_s: float
     score: float
     frame_scores: np.ndarray
+    #: where the product is (``highlight.product``); None from the whole-frame scorer
+    product: dict[str, Any] | None = None
 
 
-def _concat(results: list[dict[str, Any]], name: str) -> np.ndarray | None:
-    parts = [decode_array(r["outputs"][name]) for r in results if name in r["outputs"]]
-    if not parts or len(parts) != len(results):
-        return None
-    return np.concatenate(parts, axis=0)
-
-
-def _trusted(results: list[dict[str, Any]], model: str) -> bool:
-    return bool(results) and all(r.get("trusted", {}).get(model, False) for r in results)
-
-
-def frame_scores(frames: list[dict[str, Any]], refs: dict[str, Any]) -> np.ndarray:
+def frame_scores(results: JobResults) -> np.ndarray:
     """Per-sampled-frame score in [0, 1] from the daemon's results (see module doc)."""
-    hist = _concat(frames, "features.hist")
-    thumb = _concat(frames, "features.thumb")
-    motion = _concat(frames, "features.motion")
-    if hist is None or thumb is None or motion is None:
+    hist = results.concat(FEATURES["hist"])
+    thumb = results.concat(FEATURES["thumb"])
+    motion = results.concat(FEATURES["motion"])
+    ref_hist = results.ref(FEATURES["hist"])
+    ref_thumb = results.ref(FEATURES["thumb"])
+    if hist is None or thumb is None or motion is None or ref_hist is None or ref_thumb is None:
         raise ValueError("results lack the features model's outputs")
-    ref_hist = decode_array(refs["outputs"]["features.hist"])
-    ref_thumb = decode_array(refs["outputs"]["features.thumb"])
 
     inter = np.minimum(hist[:, None, :], ref_hist[None, :, :]).sum(axis=-1)  # [N, R]
     corr = (thumb @ ref_thumb.T + 1.0) / 2.0  # [N, R]
     sim = W_HIST * inter + W_THUMB * corr
-    if _trusted(frames, "embed") and _trusted([refs], "embed"):
-        emb = _concat(frames, "embed.embed")
-        ref_emb = (
-            decode_array(refs["outputs"]["embed.embed"])
-            if "embed.embed" in refs["outputs"]
-            else None
-        )
+    if results.trusted(EMBED.model):
+        emb = results.concat(EMBED["embed"])
+        ref_emb = results.ref(EMBED["embed"])
         if emb is not None and ref_emb is not None:
             sim = (1 - W_EMBED) * sim + W_EMBED * (emb @ ref_emb.T + 1.0) / 2.0
     similarity = sim.max(axis=1)
 
     activity = motion / motion.max() if motion.size and motion.max() > 0 else np.zeros_like(motion)
-    if _trusted(frames, "saliency"):
-        sal = _concat(frames, "saliency.saliency")
+    if results.trusted(SALIENCY.model):
+        sal = results.concat(SALIENCY["saliency"])
         if sal is not None and sal.max() > sal.min():
             sal = (sal - sal.min()) / (sal.max() - sal.min())
             activity = 0.5 * activity + 0.5 * sal
@@ -112,12 +106,16 @@ def best_window(
 
 
 def select(
-    results: list[dict[str, Any]], timestamps: list[float], duration_s: float, length_s: float
+    results: JobResults, timestamps: list[float], duration_s: float, length_s: float
 ) -> Selection:
     """Choose the highlight from all of a job's results (frame chunks and the refs chunk)."""
-    refs = [r for r in results if r["kind"] == "refs"]
-    frames = sorted((r for r in results if r["kind"] == "frames"), key=lambda r: r["chunk"])
-    if len(refs) != 1:
-        raise ValueError(f"expected one reference result, got {len(refs)}")
-    scores = frame_scores(frames, refs[0])
+    if results.refs is None:
+        raise ValueError("expected one reference result, got none")
+    ts = np.asarray(timestamps, dtype=np.float64)
+    if localize.has_localizer(results):
+        ev = localize.evidence(results)
+        win = localize.choose_window(ts, ev.evidence, duration_s, length_s)
+        product = localize.summary(ev, ts, win)
+        return Selection(win.start_s, win.end_s, win.score, ev.evidence, product)
+    scores = frame_scores(results)
     return best_window(np.asarray(timestamps, dtype=np.float64), scores, duration_s, length_s)

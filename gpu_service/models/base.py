@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from clipline_core.settings import Settings
+from gpu_service.protocol import ModelOutputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,9 @@ class Model(abc.ABC):
 
     #: registry name, also the ``model`` label value in metrics
     name: str = ""
+    #: the outputs it returns, declared in :mod:`gpu_service.protocol` so the workers'
+    #: selector reads them by the same names; an undeclared output is an error
+    outputs: ModelOutputs | None = None
     #: True only when real weights were loaded from configuration
     weights_loaded: bool = False
     #: backend actually in use after the fallback chain ("eager", "compile", ...)
@@ -64,11 +69,20 @@ class Model(abc.ABC):
     #: True when outputs depend on frame order within a chunk (run on video chunks
     #: only, never on the product-image reference chunk)
     temporal: bool = False
+    #: True when the model needs to know which job each row belongs to (it is then told
+    #: with :meth:`bind` before each call, e.g. to match frames against the job's
+    #: product images it saw in the refs chunk)
+    batch_aware: bool = False
 
     @property
     def trusted(self) -> bool:
         """Whether the highlight scorer may use the outputs (learned or training-free)."""
         return self.weights_loaded
+
+    def bind(self, kind: Any, items: Sequence[Any]) -> None:
+        """The kind (:class:`gpu_service.shm.ChunkKind`) and descriptors of the next call's
+        rows, in order; only called when ``batch_aware``."""
+        return None
 
     @abc.abstractmethod
     def __call__(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_service import protocol
 from gpu_service.backends import CoreSpec, Runner, build_runner
 from gpu_service.models.base import BuildContext, InputSpec, Model, register
 from gpu_service.models.common import engine_cache_dir, model_buckets, seeded, setting
@@ -272,6 +273,7 @@ class EmbedModel(Model):
     """ViT over every frame; output ``embed`` ``[B, T, D]`` float32, unit L2 norm."""
 
     name = "embed"
+    outputs = protocol.EMBED
 
     def __init__(
         self,

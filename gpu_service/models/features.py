@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gpu_service import protocol
 from gpu_service.models.base import BuildContext, Model, register
 
 HIST_BINS_PER_CHANNEL = 8
@@ -28,6 +29,7 @@ MOTION_SIZE = 32
 
 class FeaturesModel(Model):
     name = "features"
+    outputs = protocol.FEATURES
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipline_core.settings import Settings
+from gpu_service import protocol
 from gpu_service.backends import CoreSpec, Runner, build_runner
 from gpu_service.models.base import BuildContext, InputSpec, Model, register
 from gpu_service.models.common import (
@@ -258,6 +259,7 @@ class SaliencyModel(Model):
     """TASED-Net over each chunk's anchor frames; output ``saliency`` ``[B, T]``."""
 
     name = "saliency"
+    outputs = protocol.SALIENCY
 
     def __init__(
         self,

@@ -26,7 +26,7 @@ from gpt2lib import CAPTION, DESCRIPTION, TITLE, shared_weights
 from clipline_bench.daemon import ChunkSpec, publish_chunks
 from clipline_core import constants
 from clipline_core.settings import Settings
-from gpu_service import wire
+from gpu_service import protocol
 from gpu_service.captions import FRAME_SHARE, CaptionService
 from gpu_service.client import GpuClient
 from gpu_service.daemon import Daemon
@@ -113,7 +113,7 @@ def wait_pending(daemon: Daemon, n: int, timeout: float = 20.0) -> None:
 
 def messages(client: redis.Redis, settings: Settings, job: str) -> list[dict[str, Any]]:
     key = constants.results_key(settings.deployment, job)
-    out = [wire.loads(raw) for raw in client.lrange(key, 0, -1)]
+    out = [protocol.loads(raw) for raw in client.lrange(key, 0, -1)]
     client.delete(key)
     return out
 
@@ -150,13 +150,13 @@ def test_requests_are_batched_and_answered_with_a_deterministic_caption(
         collected = gpu.collect("job-a", 9, 0, 10.0, caption_generation=9)
     for job, generation in (("job-a", 8), ("job-b", 16), ("job-c", 8)):
         (msg,) = got[job]
-        assert msg["kind"] == wire.CAPTION_KIND and msg["chunk"] == wire.CAPTION_CHUNK
+        assert msg["kind"] == protocol.CAPTION_KIND and msg["chunk"] == protocol.CAPTION_CHUNK
         assert msg["generation"] == generation and msg["error"] is None
         assert msg["trusted"] == {"copywriter": True} and msg["outputs"] == {}
         assert msg["batch"] == 3 and msg["batch_seq"] == 1
     assert got["job-a"][0]["caption"] == got["job-b"][0]["caption"] == CAPTION
     assert got["job-c"][0]["caption"] == writer.captions([("Blue hat", "")])[0]
-    assert len(collected) == 1 and wire.caption_of(collected) == CAPTION
+    assert len(collected) == 1 and protocol.caption_of(collected) == CAPTION
     assert not redis_client.exists(key)
 
 
@@ -174,7 +174,7 @@ def test_without_weights_the_copywriter_is_untrusted_and_takes_no_request(
         assert not gpu.request_caption("job-a", 8, TITLE, DESCRIPTION, 1)
         assert not redis_client.exists(key)
         # A request someone pushes anyway is left for a daemon that can answer it.
-        req = wire.CaptionRequest.make(
+        req = protocol.CaptionRequest.make(
             job_id="job-x", generation=0, title=TITLE, description="", priority=1,
             now=time.time(), ttl_s=60,
         )  # fmt: skip
@@ -206,7 +206,7 @@ def test_a_failing_caption_is_answered_with_its_error_only(
         for job in ("job-a", "job-p", "job-c"):
             title = "poison apple" if job == "job-p" else TITLE
             assert gpu.request_caption(job, 8, title, DESCRIPTION, 1)
-        expired = wire.CaptionRequest.make(
+        expired = protocol.CaptionRequest.make(
             job_id="job-e", generation=8, title=TITLE, description="", priority=0,
             now=time.time() - 100, ttl_s=50,
         )  # fmt: skip
@@ -249,7 +249,7 @@ def test_frame_batches_keep_running_under_a_caption_flood(
         captions.max_batch = 4  # many small caption batches: 12 of them
         now = time.time()
         flood = [
-            wire.CaptionRequest.make(
+            protocol.CaptionRequest.make(
                 job_id=f"cap-{i}", generation=0, title=f"Product {i}", description="",
                 priority=0, now=now, ttl_s=300,
             ).dumps()
@@ -290,7 +290,7 @@ def test_caption_turns_leave_the_frames_their_share_of_device_time(
     )  # fmt: skip
     try:
         assert not svc.due(False, 0)  # nothing pending
-        req = wire.CaptionRequest.make(
+        req = protocol.CaptionRequest.make(
             job_id="j", generation=0, title=TITLE, description="", priority=1,
             now=time.time(), ttl_s=60,
         )  # fmt: skip
@@ -318,7 +318,7 @@ def test_a_hard_stop_hands_unanswered_requests_back_best_first(
     )
     now = time.time()
     reqs = [
-        wire.CaptionRequest.make(
+        protocol.CaptionRequest.make(
             job_id=f"j{i}", generation=0, title=TITLE, description="", priority=prio,
             now=now + i, ttl_s=120,
         )
@@ -333,7 +333,7 @@ def test_a_hard_stop_hands_unanswered_requests_back_best_first(
             time.sleep(0.01)
         assert not redis_client.exists(key)
         svc.close()  # what the daemon does on a second stop signal: nothing is lost
-        back = [wire.CaptionRequest.loads(raw) for raw in redis_client.lrange(key, 0, -1)]
+        back = [protocol.CaptionRequest.loads(raw) for raw in redis_client.lrange(key, 0, -1)]
         assert [r.job_id for r in back] == ["j1", "j3", "j2", "j0"]  # priority, then age
         assert back == sorted(reqs, key=lambda r: (r.priority, r.requested_at))
         assert 0 < redis_client.ttl(key) <= 125 and svc.requeued == 4
@@ -353,7 +353,7 @@ def test_daemon_process_configured_by_environment_serves_captions(
         assert gpu.copywriter_ready()
         assert gpu.request_caption("job-a", 8, TITLE, DESCRIPTION, 1)
         got = gpu.collect("job-a", 8, 0, 60.0, caption_generation=8)
-        assert wire.caption_of(got) == CAPTION
+        assert protocol.caption_of(got) == CAPTION
         assert got[0]["device"] == "cpu" and got[0]["trusted"] == {"copywriter": True}
         hb_key = constants.daemon_heartbeat_key(s.deployment, s.node_name)
         deadline = time.monotonic() + 10

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clipline_bench.daemon import ChunkSpec, publish_chunks
 from clipline_core import constants
 from clipline_core.settings import Settings
-from gpu_service import wire
+from gpu_service import protocol
 from gpu_service.backends import resolve_precision
 
 SIZE = 32
@@ -63,7 +63,10 @@ def _free_port() -> int:
 def daemon_process(
     settings: Settings, client: redis.Redis, tmp_path: Path, timeout: float = 90.0, **env: str
 ) -> Iterator[DaemonProcess]:
+    # These tests are about the daemon's mechanics on random frames: the cheap
+    # training-free features model serves them (the localizer has tests of its own).
     s = settings.replace(
+        models="features",
         frame_size=SIZE,
         frames_per_chunk=FRAMES,
         shm_slots=16,
@@ -118,7 +121,7 @@ def collect(
     while client.llen(key) < n:
         assert time.monotonic() < deadline, f"{client.llen(key)} of {n} results for {job}"
         time.sleep(0.02)
-    out = [wire.loads(raw) for raw in client.lrange(key, 0, -1)]
+    out = [protocol.loads(raw) for raw in client.lrange(key, 0, -1)]
     client.delete(key)
     return out
 
@@ -265,4 +268,4 @@ def test_the_configured_backend_serves_the_neural_model_and_is_reported(
     assert msg["error"] is None
     assert msg["backends"] == {"features": "eager", "saliency": "channels_last"}
     assert msg["trusted"] == {"features": True, "saliency": False}
-    assert wire.decode_array(msg["outputs"]["saliency.saliency"]).shape == (FRAMES,)
+    assert protocol.decode_array(msg["outputs"]["saliency.saliency"]).shape == (FRAMES,)

@@ -24,7 +24,7 @@ import torch
 from clipline_bench.daemon import ChunkSpec, chunk_data, publish_chunks
 from clipline_core import constants
 from clipline_core.settings import Settings
-from gpu_service import wire
+from gpu_service import protocol
 from gpu_service.batcher import MAX_RECOVERIES, Batcher, BatchPolicy
 from gpu_service.daemon import Daemon
 from gpu_service.executor import BusyMeter
@@ -140,7 +140,7 @@ def results(
     while client.llen(key) < n:
         assert time.monotonic() < deadline, f"{client.llen(key)} of {n} results for {job}"
         time.sleep(0.02)
-    out = [wire.loads(raw) for raw in client.lrange(key, 0, -1)]
+    out = [protocol.loads(raw) for raw in client.lrange(key, 0, -1)]
     client.delete(key)
     return out
 
@@ -251,7 +251,8 @@ def test_engine_batches_up_to_max_size_and_results_match_running_each_chunk_alon
         assert msg["trusted"] == {"features": True} and msg["backends"] == {"features": "eager"}
         want = expected_features(chunk_data(spec.seed, spec.frames, SIZE))
         for name, value in want.items():
-            np.testing.assert_allclose(wire.decode_array(msg["outputs"][name]), value, atol=1e-6)
+            got_value = protocol.decode_array(msg["outputs"][name])
+            np.testing.assert_allclose(got_value, value, atol=1e-6)
 
 
 def test_delay_bound_holds_a_partial_batch_then_runs_it_whole(
@@ -297,7 +298,7 @@ def test_reference_chunks_skip_temporal_models_and_batch_padded(
             "contrast.rel",
         }
         assert m["trusted"] == {"features": True, "contrast": True}
-    short = wire.decode_array(frames[1]["outputs"]["contrast.rel"])
+    short = protocol.decode_array(frames[1]["outputs"]["contrast.rel"])
     level = chunk_data(2, 5, SIZE).astype(np.float64).mean(axis=(1, 2, 3))
     np.testing.assert_allclose(short, level - level.mean(), atol=1e-3)
     assert len({m["batch_seq"] for m in refs}) == 1 and {m["batch"] for m in refs} == {2}
@@ -305,10 +306,10 @@ def test_reference_chunks_skip_temporal_models_and_batch_padded(
         assert set(m["outputs"]) == FEATURES
         assert m["trusted"] == {"features": True}
     one = next(m for m in refs if m["job_id"] == "job-r")  # 1 image padded to 3 in the batch
-    assert wire.decode_array(one["outputs"]["features.motion"]).shape == (1,)
+    assert protocol.decode_array(one["outputs"]["features.motion"]).shape == (1,)
     want = expected_features(chunk_data(4, 1, SIZE))
     np.testing.assert_allclose(
-        wire.decode_array(one["outputs"]["features.hist"]), want["features.hist"]
+        protocol.decode_array(one["outputs"]["features.hist"]), want["features.hist"]
     )
 
 
@@ -329,7 +330,7 @@ def test_a_failing_item_is_answered_with_the_error_and_its_batch_mates_still_run
     assert "uint8" in got[6]["error"]
     for i in range(5):
         assert got[i]["error"] is None
-        assert wire.decode_array(got[i]["outputs"]["fussy.one"]).shape == (FRAMES,)
+        assert protocol.decode_array(got[i]["outputs"]["fussy.one"]).shape == (FRAMES,)
     assert {got[i]["batch_seq"] for i in range(6)} == {got[0]["batch_seq"]}
 
 
@@ -355,7 +356,7 @@ def test_two_stage_pipeline_gives_the_same_results_and_frees_every_slot(
     for m in got:
         want = expected_features(chunk_data(m["chunk"], FRAMES, SIZE))
         np.testing.assert_allclose(
-            wire.decode_array(m["outputs"]["features.hist"]), want["features.hist"]
+            protocol.decode_array(m["outputs"]["features.hist"]), want["features.hist"]
         )
 
 

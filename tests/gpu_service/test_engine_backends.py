@@ -21,7 +21,7 @@ import torch
 from clipline_bench.daemon import ChunkSpec, publish_chunks
 from clipline_core import constants
 from clipline_core.settings import Settings
-from gpu_service import wire
+from gpu_service import protocol
 from gpu_service.backends import REL_TOL, relative_error, resolve_precision
 from gpu_service.daemon import Daemon, build_models, model_backends
 
@@ -68,7 +68,7 @@ def _serve(settings: Settings, client: redis.Redis, job: str) -> list[dict[str, 
         for path in (settings.arena_path, settings.socket_path):
             path.unlink(missing_ok=True)
     key = constants.results_key(settings.deployment, job)
-    out = sorted((wire.loads(r) for r in client.lrange(key, 0, -1)), key=lambda m: m["chunk"])
+    out = sorted((protocol.loads(r) for r in client.lrange(key, 0, -1)), key=lambda m: m["chunk"])
     client.delete(key)
     assert [m["chunk"] for m in out] == [0, 1]
     assert all(m["error"] is None for m in out)
@@ -82,8 +82,8 @@ def _compare(got: list[dict[str, Any]], ref: list[dict[str, Any]], backend: str)
     for a, b in zip(got, ref, strict=True):
         assert a["backends"]["saliency"] == backend and b["backends"]["saliency"] == "eager"
         for name in b["outputs"]:
-            x = torch.from_numpy(wire.decode_array(a["outputs"][name]).copy())
-            y = torch.from_numpy(wire.decode_array(b["outputs"][name]).copy())
+            x = torch.from_numpy(protocol.decode_array(a["outputs"][name]).copy())
+            y = torch.from_numpy(protocol.decode_array(b["outputs"][name]).copy())
             assert relative_error(x, y) <= tol, (backend, name)
 
 
@@ -108,7 +108,7 @@ def test_per_model_override_runs_channels_last_with_eager_results(
     assert model_backends(s) == {"saliency": "channels_last"}
     got = _serve(s, redis_client, "job-cl")
     _compare(got, eager_results, "channels_last")
-    saliency = wire.decode_array(got[0]["outputs"]["saliency.saliency"])
+    saliency = protocol.decode_array(got[0]["outputs"]["saliency.saliency"])
     assert saliency.shape == (FRAMES,) and np.all((saliency > 0.0) & (saliency <= 1.0))
 
 

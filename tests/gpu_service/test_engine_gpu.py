@@ -20,7 +20,7 @@ import torch
 from clipline_bench.daemon import ChunkSpec, chunk_data, publish_chunks
 from clipline_core import constants
 from clipline_core.settings import Settings
-from gpu_service import wire
+from gpu_service import protocol
 from gpu_service.backends import REL_TOL, relative_error
 from gpu_service.daemon import Daemon, build_models
 from gpu_service.models.features import FeaturesModel
@@ -68,7 +68,7 @@ def _results(client: redis.Redis, settings: Settings, job: str, n: int) -> list[
     while client.llen(key) < n:
         assert time.monotonic() < deadline, f"{client.llen(key)} of {n} results"
         time.sleep(0.02)
-    out = [wire.loads(r) for r in client.lrange(key, 0, -1)]
+    out = [protocol.loads(r) for r in client.lrange(key, 0, -1)]
     client.delete(key)
     return sorted(out, key=lambda m: m["chunk"])
 
@@ -129,7 +129,7 @@ def test_cuda_pipeline_overlaps_copies_with_compute_and_matches_the_cpu(
         want = cpu(torch.from_numpy(frames)[None])
         for key in ("hist", "thumb", "motion"):
             np.testing.assert_allclose(
-                wire.decode_array(m["outputs"][f"features.{key}"]),
+                protocol.decode_array(m["outputs"][f"features.{key}"]),
                 want[key][0].numpy(),
                 atol=2e-4,
             )
@@ -158,7 +158,7 @@ def test_cuda_backend_serves_results_close_to_eager(
             daemon.shutdown()
             _remove_files(s)
         assert {m["backends"]["saliency"] for m in got} == {be}
-        outputs[be] = [wire.decode_array(m["outputs"]["saliency.saliency"]) for m in got]
+        outputs[be] = [protocol.decode_array(m["outputs"]["saliency.saliency"]) for m in got]
     precision = "bf16"  # the accelerated backends' default precision on CUDA
     for a, b in zip(outputs[backend], outputs["eager"], strict=True):
         err = relative_error(torch.from_numpy(a.copy()), torch.from_numpy(b.copy()))

@@ -1,4 +1,12 @@
-"""The result message format the daemon publishes and workers read (no torch needed).
+"""The worker <-> daemon protocol: typed messages and their JSON wire form (no torch).
+
+Owns the result message format the daemon publishes and workers read, the caption
+request and answer, the heartbeat's model field, the names of every model output
+(:data:`FEATURES`, :data:`LOCALIZER`, ...: models declare theirs from here and the
+workers' selector reads them by the same constants) and the typed views a worker uses
+(:class:`ChunkResult`, :class:`CaptionResult`, :class:`JobResults`). Imports numpy and
+the standard library only: workers import it without torch. Must not import the daemon,
+the models or anything of the workers.
 
 One JSON object per processed item, pushed onto the job's Redis list
 (``constants.results_key(deployment, job_id)``)::
@@ -61,6 +69,34 @@ CAPTION_CHUNK = -2
 #: a request's texts are cut to these lengths (whitespace runs collapsed) before sending
 MAX_REQUEST_TITLE_CHARS = 300
 MAX_REQUEST_DESCRIPTION_CHARS = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutputs:
+    """The outputs one model produces: ``FEATURES["hist"] == "features.hist"``."""
+
+    model: str
+    keys: tuple[str, ...]
+
+    def __getitem__(self, key: str) -> str:
+        if key not in self.keys:
+            raise KeyError(f"model {self.model!r} has no output {key!r} (it has {self.keys})")
+        return f"{self.model}.{key}"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f"{self.model}.{k}" for k in self.keys)
+
+
+#: colour histogram, thumbnail and motion of every frame (training-free)
+FEATURES = ModelOutputs("features", ("hist", "thumb", "motion"))
+#: per-frame saliency (TASED-Net)
+SALIENCY = ModelOutputs("saliency", ("saliency",))
+#: per-frame image embedding (ViT)
+EMBED = ModelOutputs("embed", ("embed",))
+#: matched keypoint pairs against the job's product images, colour cells, the picture's
+#: rectangle inside the letterbox and a status (see gpu_service.models.localizer)
+LOCALIZER = ModelOutputs("localizer", ("pairs", "colour", "content", "status"))
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:
@@ -252,3 +288,105 @@ def parse_models(field: str) -> dict[str, tuple[str, bool]]:
         if name:
             out[name] = (backend, trusted.strip() == "1")
     return out
+
+
+# ---------------------------------------------------------------------------
+# Typed views of a job's results (what the worker's selector reads).
+# ---------------------------------------------------------------------------
+FRAMES_KIND = "frames"
+REFS_KIND = "refs"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkResult:
+    """The daemon's answer for one chunk (video frames or the product images)."""
+
+    job_id: str
+    generation: int
+    chunk: int
+    kind: str
+    frames: int
+    outputs: Mapping[str, np.ndarray]
+    trusted: Mapping[str, bool]
+    backends: Mapping[str, str]
+    device: str
+    error: str | None = None
+
+    @classmethod
+    def from_message(cls, msg: Mapping[str, Any]) -> ChunkResult:
+        return cls(
+            job_id=str(msg["job_id"]),
+            generation=int(msg["generation"]),
+            chunk=int(msg["chunk"]),
+            kind=str(msg["kind"]),
+            frames=int(msg["frames"]),
+            outputs={k: decode_array(v) for k, v in msg.get("outputs", {}).items()},
+            trusted=dict(msg.get("trusted", {})),
+            backends=dict(msg.get("backends", {})),
+            device=str(msg.get("device", "")),
+            error=msg.get("error"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionResult:
+    """The daemon's answer to a caption request."""
+
+    job_id: str
+    generation: int
+    caption: str | None
+    error: str | None
+    trusted: bool
+
+    @classmethod
+    def from_message(cls, msg: Mapping[str, Any]) -> CaptionResult:
+        text = msg.get("caption")
+        return cls(
+            job_id=str(msg["job_id"]),
+            generation=int(msg["generation"]),
+            caption=text if isinstance(text, str) and text and not msg.get("error") else None,
+            error=msg.get("error"),
+            trusted=any(bool(v) for v in msg.get("trusted", {}).values()),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResults:
+    """All of one job's results: the refs chunk, the frame chunks in order, the caption."""
+
+    refs: ChunkResult | None
+    frames: tuple[ChunkResult, ...]
+    caption: CaptionResult | None = None
+
+    @classmethod
+    def from_messages(cls, messages: Iterable[Mapping[str, Any]]) -> JobResults:
+        refs: list[ChunkResult] = []
+        frames: list[ChunkResult] = []
+        caption: CaptionResult | None = None
+        for msg in messages:
+            kind = msg.get("kind")
+            if kind == CAPTION_KIND:
+                caption = CaptionResult.from_message(msg)
+            elif kind == REFS_KIND:
+                refs.append(ChunkResult.from_message(msg))
+            elif kind == FRAMES_KIND:
+                frames.append(ChunkResult.from_message(msg))
+        if len(refs) > 1:
+            raise ValueError(f"expected at most one reference result, got {len(refs)}")
+        return cls(refs[0] if refs else None, tuple(sorted(frames, key=lambda r: r.chunk)), caption)
+
+    def concat(self, name: str) -> np.ndarray | None:
+        """Output ``name`` of every frame chunk, concatenated along frames; None if any
+        chunk lacks it."""
+        if not self.frames or any(name not in r.outputs for r in self.frames):
+            return None
+        return np.concatenate([r.outputs[name] for r in self.frames], axis=0)
+
+    def ref(self, name: str) -> np.ndarray | None:
+        """Output ``name`` of the product images (None without refs or that output)."""
+        return None if self.refs is None else self.refs.outputs.get(name)
+
+    def trusted(self, model: str) -> bool:
+        """Whether every frame chunk (and the refs, when present) trusts ``model``."""
+        chunks = [*self.frames, *([self.refs] if self.refs is not None else [])]
+        return bool(chunks) and all(r.trusted.get(model, False) for r in chunks)

@@ -1,0 +1,451 @@
+"""The product localizer: finds the product in every sampled frame, on the device.
+
+Training-free (nothing to download). Frames and product images arrive letterboxed
+(aspect kept, bars of exact zeros; :func:`workers.preprocess.into`). For every picture
+the model computes, batched on the device:
+
+1. **Where the picture is**: the content rectangle inside the bars (``content``).
+2. **Keypoints and descriptors**: up to ``localizer_keypoints`` RootSIFT features inside
+   the picture. On CUDA (``localizer_features=auto``, kornia installed) kornia's SIFT on
+   torch tensors; on a CPU OpenCV's SIFT, measured 4-5x faster there than kornia's; both
+   give the same windows on the quality set (``clipline bench quality``).
+3. **Colour cells**: a ``GRID x GRID`` grid of colour histograms (12 hue x 2 saturation
+   bins for chromatic pixels, 3 grey levels for the rest). Hue and saturation do not
+   change with a global brightness gain, and the grey bins keep grayscale footage and
+   black/white products comparable. For product images the studio backdrop (white,
+   black, plain or gradient, flood-filled from the border through smooth pixels of the
+   border's colour) is left out, so it never counts as product.
+4. **Matching** (frames only) against the job's product images: their features are
+   computed once, when the job's refs chunk runs, at three sizes (products look much
+   smaller in footage than in their photos), and kept in a per-job cache keyed by
+   ``(job_id, generation)``. Per product image and size: ratio test (0.8) and mutual
+   nearest neighbours on RootSIFT, as one matrix product per frame.
+
+Outputs per picture (:data:`gpu_service.protocol.LOCALIZER`):
+
+``pairs``    ``[MAX_PAIRS, 5]`` matched (frame x, frame y, product x, product y, product
+             index), best first per product, rows of -1 after the last match; product
+             coordinates are in that product image's own buffer.
+``colour``   ``[GRID, GRID, BINS]`` colour cells (product images: backdrop left out).
+``content``  ``[5]`` the picture's rectangle (x, y, w, h) and the buffer's side, pixels.
+``status``   ``[1]``: 1 matched against the job's product images, 0 this daemon has not
+             seen the job's product images (a restarted daemon: the worker retries the
+             job), 2 a product image itself.
+
+Geometric verification (RANSAC homography with sanity checks) and the window choice run
+on the worker from these (:mod:`workers.localize`): a few milliseconds per frame.
+
+The model needs to know which job each batch item belongs to, so it is batch-aware:
+the executor calls :meth:`LocalizerModel.bind` with the batch's items before each call.
+Must not import the workers, the daemon or the engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gpu_service import protocol
+from gpu_service.models.base import BuildContext, InputSpec, Model, register
+from gpu_service.models.common import setting
+from gpu_service.shm import ChunkKind, Descriptor
+
+log = logging.getLogger("gpu_service.localizer")
+
+GRID = 16
+HUE_BINS, SAT_BINS, GREY_BINS = 12, 2, 3
+BINS = HUE_BINS * SAT_BINS + GREY_BINS
+#: matched pairs sent per picture (all product images together)
+MAX_PAIRS = 512
+#: matched pairs kept per product image
+MAX_PAIRS_PER_PRODUCT = 256
+#: the sizes a product image is described at, relative to its buffer
+REF_SCALES = (1.0, 0.6, 0.35)
+RATIO = 0.8
+#: jobs whose product features are kept (a job's frames follow its refs within seconds)
+CACHE_JOBS = 512
+
+STATUS_NO_REFS = 0.0
+STATUS_MATCHED = 1.0
+STATUS_REFS = 2.0
+
+
+# ---------------------------------------------------------------------------
+# Pixels: content rectangle, colour bins, backdrop, cells.
+# ---------------------------------------------------------------------------
+def content_rects(frames: torch.Tensor) -> torch.Tensor:
+    """``[N, 4]`` (x, y, w, h) of the picture inside letterbox bars of exact zeros."""
+    _, h, w, _ = frames.shape
+    nonzero = frames.amax(dim=-1) > 0  # [N, H, W]
+    rows = nonzero.any(dim=2)  # [N, H]
+    cols = nonzero.any(dim=1)  # [N, W]
+    ar_h = torch.arange(h, device=frames.device)
+    ar_w = torch.arange(w, device=frames.device)
+    big = torch.tensor(1 << 30, device=frames.device)
+    y0 = torch.where(rows, ar_h, big).amin(dim=1)
+    y1 = torch.where(rows, ar_h, -1).amax(dim=1) + 1
+    x0 = torch.where(cols, ar_w, big).amin(dim=1)
+    x1 = torch.where(cols, ar_w, -1).amax(dim=1) + 1
+    empty = y1 <= 0
+    y0, x0 = torch.where(empty, 0, y0), torch.where(empty, 0, x0)
+    y1, x1 = torch.where(empty, h, y1), torch.where(empty, w, x1)
+    return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=1).float()
+
+
+def colour_bins(img: torch.Tensor) -> torch.Tensor:
+    """``img`` float ``[N, 3, H, W]`` RGB in [0, 1] -> bin index ``[N, H, W]``."""
+    r, g, b = img[:, 0], img[:, 1], img[:, 2]
+    mx = img.amax(dim=1)
+    mn = img.amin(dim=1)
+    d = mx - mn
+    sat = d / mx.clamp_min(1e-6)
+    dd = d.clamp_min(1e-6)
+    hue = (
+        torch.where(
+            mx == r,
+            ((g - b) / dd) % 6,
+            torch.where(mx == g, (b - r) / dd + 2, (r - g) / dd + 4),
+        )
+        / 6.0
+    )
+    hb = (hue * HUE_BINS).long().clamp(0, HUE_BINS - 1)
+    sb = ((sat - 0.2) / 0.8 * SAT_BINS).long().clamp(0, SAT_BINS - 1)
+    chromatic = (sat > 0.2) & (mx > 0.12) & (d > 0.06)
+    vb = (mx * GREY_BINS).long().clamp(0, GREY_BINS - 1)
+    return torch.where(chromatic, hb * SAT_BINS + sb, HUE_BINS * SAT_BINS + vb)
+
+
+def backdrop(
+    img: torch.Tensor, res: int = 80, edge_t: float = 0.07, tol: float = 0.18
+) -> torch.Tensor:
+    """Border-connected smooth backdrop of each picture, ``[N, H, W]`` bool (bars included).
+
+    At ``res x res``: pixels that are smooth (colour gradient under ``edge_t``) and near
+    (``tol``) the median colour of the picture's border ring are candidates; the mask is
+    the part of them connected to that ring (flood by repeated 3x3 dilation), so the
+    product's outline stops it. A picture whose border ring is mostly not such a backdrop
+    (a photo cropped tight, a video frame) gets only its bars.
+    """
+    n, _, h, w = img.shape
+    zero = img.amax(dim=1) == 0
+    bars = zero.all(dim=2, keepdim=True) | zero.all(dim=1, keepdim=True)
+    bars_s = F.interpolate(bars.float()[:, None], size=(res, res), mode="area")[:, 0] > 0.0
+    small = F.interpolate(img, size=(res, res), mode="area")
+    outer = F.pad(bars_s.float()[:, None], (1, 1, 1, 1), value=1.0)
+    ring = (F.max_pool2d(outer, 3, 1, 0)[:, 0] > 0) & ~bars_s
+    out = torch.zeros_like(bars_s)
+    for i in range(n):
+        border = small[i][:, ring[i]]
+        if border.shape[1] == 0:
+            continue
+        med = border.median(dim=1).values
+        si = torch.where(bars_s[i][None], med[:, None, None], small[i])[None]
+        sm = F.avg_pool2d(F.pad(si, (1, 1, 1, 1), mode="replicate"), 3, 1)
+        p = F.pad(sm, (1, 1, 1, 1), mode="replicate")
+        gx = (p[:, :, 1:-1, 2:] - p[:, :, 1:-1, :-2]).abs()
+        gy = (p[:, :, 2:, 1:-1] - p[:, :, :-2, 1:-1]).abs()
+        grad = (gx + gy).amax(dim=1)[0]
+        near = ((small[i] - med[:, None, None]).abs().amax(dim=0) < tol) & (grad < edge_t)
+        near &= ~bars_s[i]
+        if near[ring[i]].float().mean() <= 0.5:
+            continue
+        m = (near & ring[i]).float()[None, None]
+        allowed = near.float()[None, None]
+        for _ in range(2 * res):
+            grown = F.max_pool2d(m, 3, 1, 1) * allowed
+            if torch.equal(grown, m):
+                break
+            m = grown
+        out[i] = m[0, 0] > 0
+    full = F.interpolate(out.float()[:, None], size=(h, w), mode="nearest")[:, 0] > 0.5
+    return full | bars
+
+
+def cells(bins: torch.Tensor, weight: torch.Tensor, grid: int = GRID) -> torch.Tensor:
+    """Per-cell bin mass ``[N, G, G, BINS]`` (fraction of the cell's pixels)."""
+    n, h, w = bins.shape
+    cy = (torch.arange(h, device=bins.device) * grid // h)[:, None]
+    cx = (torch.arange(w, device=bins.device) * grid // w)[None, :]
+    idx = ((cy * grid + cx)[None] * BINS + bins).reshape(n, -1)
+    out = torch.zeros(n, grid * grid * BINS, device=bins.device)
+    out.scatter_add_(1, idx, weight.reshape(n, -1).float())
+    return out.reshape(n, grid, grid, BINS) / float(h * w / grid / grid)
+
+
+# ---------------------------------------------------------------------------
+# Keypoints and descriptors.
+# ---------------------------------------------------------------------------
+def _rootsift(d: np.ndarray) -> np.ndarray:
+    d = d.astype(np.float32)
+    d /= np.maximum(d.sum(axis=1, keepdims=True), 1e-6)
+    return np.sqrt(d)
+
+
+class Features:
+    """Detects up to ``k`` RootSIFT keypoints per picture, inside its content rectangle."""
+
+    name = ""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def __call__(
+        self, frames: torch.Tensor, rects: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per picture: (xy ``[m, 2]`` float32, unit descriptors ``[m, 128]`` float32)."""
+        raise NotImplementedError
+
+
+class OpenCVSift(Features):
+    """OpenCV's SIFT on the host (the CPU path)."""
+
+    name = "sift_cv2"
+
+    def __init__(self, k: int) -> None:
+        super().__init__(k)
+        self.sift = cv2.SIFT_create(nfeatures=k, contrastThreshold=0.01)  # type: ignore[attr-defined]
+
+    def __call__(
+        self, frames: torch.Tensor, rects: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        host = frames.cpu().numpy()
+        boxes = rects.cpu().numpy().astype(int)
+        out = []
+        for img, (x, y, w, h) in zip(host, boxes, strict=True):
+            gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+            mask = np.zeros(gray.shape, np.uint8)
+            # a few pixels off the bars: their edge is not the product's
+            mask[y + 2 : y + h - 2, x + 2 : x + w - 2] = 255
+            kps, desc = self.sift.detectAndCompute(gray, mask)
+            if desc is None or not kps:
+                out.append((torch.zeros(0, 2), torch.zeros(0, 128)))
+                continue
+            order = np.argsort([-p.response for p in kps])[: self.k]
+            xy = np.array([kps[i].pt for i in order], np.float32)
+            d = _rootsift(desc[order])
+            out.append((torch.from_numpy(xy), torch.from_numpy(d)))
+        return out
+
+
+class KorniaSift(Features):
+    """kornia's SIFT on torch tensors (the CUDA path)."""
+
+    name = "sift_kornia"
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        super().__init__(k)
+        import kornia.feature as kf
+
+        self.kf = kf
+        self.feature = kf.SIFTFeature(num_features=k, upright=False, rootsift=True, device=device)
+
+    @torch.inference_mode()
+    def __call__(
+        self, frames: torch.Tensor, rects: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        img = frames.permute(0, 3, 1, 2).float() / 255.0
+        gray = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2])[:, None]
+        out = []
+        for i in range(gray.shape[0]):  # kornia 0.9's scale-space detector takes one image
+            lafs, resp, desc = self.feature(gray[i : i + 1])
+            xy = self.kf.get_laf_center(lafs)[0]
+            x, y, w, h = rects[i].tolist()
+            keep = (resp[0].reshape(-1) != 0) & (xy[:, 0] >= x + 2) & (xy[:, 0] < x + w - 2)
+            keep &= (xy[:, 1] >= y + 2) & (xy[:, 1] < y + h - 2)
+            out.append((xy[keep].float(), F.normalize(desc[0][keep].float(), dim=1)))
+        return out
+
+
+def make_features(kind: str, k: int, device: torch.device) -> Features:
+    """The feature backend: ``auto`` is kornia on CUDA when installed, else OpenCV."""
+    if kind == "auto":
+        kind = "sift_cv2"
+        if device.type == "cuda":
+            try:
+                import kornia.feature  # noqa: F401
+
+                kind = "sift_kornia"
+            except ImportError:
+                log.warning("kornia is not installed: the localizer detects on the host")
+    if kind == "sift_kornia":
+        return KorniaSift(k, device)
+    if kind == "sift_cv2":
+        return OpenCVSift(k)
+    raise ValueError(f"unknown localizer_features {kind!r} (auto | sift_cv2 | sift_kornia)")
+
+
+# ---------------------------------------------------------------------------
+# Matching.
+# ---------------------------------------------------------------------------
+def match(dq: torch.Tensor, dr: torch.Tensor, ratio: float = RATIO) -> torch.Tensor:
+    """Ratio-test + mutual-nearest-neighbour matches ``[P, 3]`` (query, ref, ratio)."""
+    if dq.shape[0] < 2 or dr.shape[0] < 2:
+        return torch.zeros(0, 3, device=dq.device)
+    d2 = (2.0 - 2.0 * dq @ dr.T).clamp_min(0.0)  # unit vectors
+    best2, idx2 = torch.topk(d2, 2, dim=1, largest=False)
+    r = best2[:, 0].sqrt() / best2[:, 1].sqrt().clamp_min(1e-6)
+    first = idx2[:, 0]
+    back = d2.argmin(dim=0)
+    ok = (r < ratio) & (back[first] == torch.arange(dq.shape[0], device=dq.device))
+    q = torch.nonzero(ok).reshape(-1)
+    return torch.stack([q.float(), first[q].float(), r[q]], dim=1)
+
+
+class RefView:
+    """One product image at one size: keypoints in the image's own buffer, descriptors."""
+
+    __slots__ = ("desc", "xy")
+
+    def __init__(self, xy: torch.Tensor, desc: torch.Tensor) -> None:
+        self.xy, self.desc = xy, desc
+
+
+# ---------------------------------------------------------------------------
+# The model.
+# ---------------------------------------------------------------------------
+class LocalizerModel(Model):
+    name = "localizer"
+    outputs = protocol.LOCALIZER
+    batch_aware = True
+    input_spec = InputSpec(
+        min_frames=1,
+        net_input=(3, 0, 0),
+        preprocessing="letterboxed RGB -> RootSIFT keypoints, colour cells, matches",
+    )
+
+    def __init__(self, device: torch.device, features: str = "auto", keypoints: int = 512):
+        self.device = device
+        self.features = make_features(features, keypoints, device)
+        self.backend = self.features.name
+        self._cache: collections.OrderedDict[tuple[str, int], list[list[RefView]]] = (
+            collections.OrderedDict()
+        )
+        self._kind = ChunkKind.FRAMES
+        self._items: list[Descriptor] = []
+
+    @property
+    def trusted(self) -> bool:
+        return True
+
+    def bind(self, kind: ChunkKind, items: Sequence[Descriptor]) -> None:
+        """The batch's kind and items (in row order) for the next call."""
+        self._kind, self._items = kind, list(items)
+
+    # -- refs ------------------------------------------------------------------
+    def _ref_views(self, frame: torch.Tensor, rect: torch.Tensor) -> list[RefView]:
+        """Describe one product image at each of :data:`REF_SCALES`, backdrop left out."""
+        s = frame.shape[0]
+        x, y, w, h = (int(v) for v in rect.tolist())
+        picture = frame[y : y + h, x : x + w].permute(2, 0, 1)[None].float()
+        views: list[RefView] = []
+        for scale in REF_SCALES:
+            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+            buf = torch.zeros(1, 3, s, s, device=frame.device)
+            x0, y0 = (s - nw) // 2, (s - nh) // 2
+            small = F.interpolate(picture, size=(nh, nw), mode="area") if scale != 1.0 else picture
+            buf[:, :, y0 : y0 + nh, x0 : x0 + nw] = small
+            as_u8 = buf.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            vrect = torch.tensor([[x0, y0, nw, nh]], dtype=torch.float32)
+            ((xy, desc),) = self.features(as_u8, vrect)
+            fg = ~backdrop(buf / 255.0)[0]
+            if xy.shape[0]:
+                px = xy.round().long()
+                px[:, 0].clamp_(0, s - 1)
+                px[:, 1].clamp_(0, s - 1)
+                on = fg.cpu()[px[:, 1].cpu(), px[:, 0].cpu()] if fg.any() else None
+                if on is not None and int(on.sum()) >= 8:
+                    xy, desc = xy[on.to(xy.device)], desc[on.to(desc.device)]
+            # back to the full-size buffer's coordinates
+            back = xy.clone()
+            back[:, 0] = (xy[:, 0] - x0) * (w / nw) + x
+            back[:, 1] = (xy[:, 1] - y0) * (h / nh) + y
+            views.append(RefView(back.to(self.device), desc.to(self.device)))
+        return views
+
+    def _remember(self, key: tuple[str, int], views: list[list[RefView]]) -> None:
+        self._cache[key] = views
+        self._cache.move_to_end(key)
+        while len(self._cache) > CACHE_JOBS:
+            self._cache.popitem(last=False)
+
+    # -- frames ----------------------------------------------------------------
+    def _pairs(
+        self, xy: torch.Tensor, desc: torch.Tensor, refs: list[list[RefView]]
+    ) -> torch.Tensor:
+        out = torch.full((MAX_PAIRS, 5), -1.0, device=self.device)
+        row = 0
+        xy, desc = xy.to(self.device), desc.to(self.device)
+        for product, views in enumerate(refs):
+            found = []
+            for view in views:
+                m = match(desc, view.desc)
+                if m.shape[0]:
+                    q, r = m[:, 0].long(), m[:, 1].long()
+                    found.append(torch.cat([xy[q], view.xy[r], m[:, 2:3]], dim=1))
+            if not found:
+                continue
+            allm = torch.cat(found)
+            allm = allm[torch.argsort(allm[:, 4])][:MAX_PAIRS_PER_PRODUCT]
+            n = min(int(allm.shape[0]), MAX_PAIRS - row)
+            if n <= 0:
+                break
+            out[row : row + n, :4] = allm[:n, :4]
+            out[row : row + n, 4] = float(product)
+            row += n
+        return out
+
+    @torch.inference_mode()
+    def __call__(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, t, h, w, c = frames.shape
+        flat = frames.reshape(b * t, h, w, c)
+        rects = content_rects(flat)
+        img = flat.permute(0, 3, 1, 2).float() / 255.0
+        bins = colour_bins(img)
+        items = self._items[:b]
+        is_refs = self._kind == ChunkKind.REFS
+        weight = (~backdrop(img)).float() if is_refs else torch.ones_like(bins, dtype=torch.float32)
+        colour = cells(bins, weight)
+        pairs = torch.full((b * t, MAX_PAIRS, 5), -1.0, device=frames.device)
+        status = torch.full((b * t, 1), STATUS_NO_REFS, device=frames.device)
+        if is_refs:
+            for i, d in enumerate(items):
+                n = min(t, int(d.shape[0]) if d.shape else t)  # rows past n are padding
+                views = [self._ref_views(flat[i * t + j], rects[i * t + j]) for j in range(n)]
+                self._remember((d.job_id, d.generation), views)
+            status.fill_(STATUS_REFS)
+        else:
+            feats = self.features(flat, rects)
+            for i in range(b):
+                item = items[i] if i < len(items) else None
+                refs = self._cache.get((item.job_id, item.generation)) if item else None
+                if refs is None:
+                    continue
+                for j in range(t):
+                    xy, desc = feats[i * t + j]
+                    pairs[i * t + j] = self._pairs(xy, desc, refs)
+                    status[i * t + j] = STATUS_MATCHED
+        return {
+            "pairs": pairs.reshape(b, t, MAX_PAIRS, 5),
+            "colour": colour.reshape(b, t, GRID, GRID, BINS),
+            "content": torch.cat(
+                [rects, torch.full((b * t, 1), float(w), device=rects.device)], dim=1
+            ).reshape(b, t, 5),
+            "status": status.reshape(b, t, 1),
+        }
+
+
+@register("localizer")
+def _build(ctx: BuildContext) -> Model:
+    s: Any = ctx.settings
+    return LocalizerModel(
+        ctx.device,
+        features=setting(s, "localizer_features", "auto"),
+        keypoints=setting(s, "localizer_keypoints", 512),
+    )

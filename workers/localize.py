@@ -1,0 +1,368 @@
+"""Where the product is, frame by frame, and the window that shows it best (worker side).
+
+The daemon's localizer (:mod:`gpu_service.models.localizer`) did the heavy part on the
+device: keypoints of every frame matched against the job's product images, colour
+cells of every frame and of every product image with its backdrop left out. This module
+turns that into evidence, on the worker's CPU (a few milliseconds per frame):
+
+* **Geometry**, per frame and product image: a RANSAC homography (OpenCV's MAGSAC, 5 px)
+  from the product image's matched keypoints to the frame's, accepted only when the
+  projected outline is sane: positive, not wildly varying perspective (no fold or
+  collapse), convex, not tiny, not a sliver, at least partly inside the picture, not
+  several frames large, inliers spread over the product (not one blob); covering
+  almost the whole picture needs at least 20 inliers. Confidence
+  ``1 - exp(-(inliers - 7) / 6)``: on frames without the product RANSAC finds 6-15
+  "inliers" in noise, which the checks reject.
+* **Colour**, for products with little texture: boxes of the product's aspect at six
+  sizes slid over the frame's colour cells; a box scores how much of the product's
+  expected colour mass it holds (0.5 whole box + 0.5 its four quarters, for a coarse
+  layout), colours weighted by how distinctive they are of the product against this
+  video's overall palette. Confidence = how far the score is above the video's own
+  background level (its 25th percentile) and an absolute floor.
+* **Gating**, per product image, decided by the data: when geometry verifies the product
+  in two or more frames, frames count by their geometric confidence and colour only
+  fills gaps (0.6 x) inside colour runs that geometry confirmed at least once (a
+  look-alike palette elsewhere cannot win); otherwise (a plain orange, a notebook)
+  colour counts at 0.8 x. The frame's evidence is the best over the product images, so
+  a product shown in any one image is found and images never shown do not pull.
+* **Window**: the ``length_s`` window with the highest mean evidence; no motion term,
+  so cuts and zooms earn nothing; ties (within 2 %) go to the middle of the tied run,
+  not the earliest. ``found`` when that mean is at least :data:`FOUND_MIN`.
+
+Must not import torch, the daemon or the models: it reads
+:class:`gpu_service.protocol.JobResults` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+
+from gpu_service.protocol import LOCALIZER, JobResults
+
+#: mean evidence over the chosen window from which the product counts as found
+FOUND_MIN = 0.25
+#: colour confidence: margin over the video's background level, floor, span
+COL_MARGIN, COL_FLOOR, COL_SPAN = 0.2, 0.55, 0.15
+#: geometry confidence from which a frame counts as verified
+VERIFIED = 0.5
+STATUS_NO_REFS = 0
+
+
+class ProductImagesLost(Exception):
+    """The daemon that matched these frames had not seen the job's product images."""
+
+
+@dataclasses.dataclass
+class ProductModel:
+    """What the worker derives once per product image from the refs outputs."""
+
+    outline: np.ndarray  # [4, 2] product box corners in its own buffer (pixels)
+    hist: np.ndarray  # [BINS] colour distribution of the product, normalised
+    quads: np.ndarray  # [2, 2, BINS] per-quarter distributions
+    qfill: np.ndarray  # [2, 2] fraction of each quarter that is product
+    aspect: float  # product box w / h
+    fill: float  # fraction of the product box that is product (not backdrop)
+
+
+def product_model(fg: np.ndarray, content: np.ndarray, side: int) -> ProductModel:
+    """A product image's model from its backdrop-free colour cells ``[G, G, BINS]``."""
+    grid = fg.shape[0]
+    cell = side / grid
+    fg = fg.astype(np.float32).copy()
+    x, y, w, h = (float(v) for v in content[:4])
+    keep = np.zeros((grid, grid), bool)
+    keep[
+        math.ceil(y / cell) : int((y + h) // cell),
+        math.ceil(x / cell) : int((x + w) // cell),
+    ] = True
+    if keep.any():
+        fg[~keep] = 0
+    occ = fg.sum(-1)
+    ys, xs = np.nonzero(occ > 0.25)
+    if len(ys) == 0:
+        ys, xs = np.nonzero(occ > 0)
+    if len(ys) == 0:
+        ys, xs = np.array([0, grid - 1]), np.array([0, grid - 1])
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    box = fg[y0:y1, x0:x1]
+    hist = box.sum((0, 1))
+    hist /= max(float(hist.sum()), 1e-6)
+    hy, hx = max(1, (y1 - y0) // 2), max(1, (x1 - x0) // 2)
+    quads = np.zeros((2, 2, fg.shape[-1]), np.float32)
+    qfill = np.zeros((2, 2), np.float32)
+    for a, (ya, yb) in enumerate([(0, hy), (hy, y1 - y0)]):
+        for b, (xa, xb) in enumerate([(0, hx), (hx, x1 - x0)]):
+            q = box[ya:yb, xa:xb].sum((0, 1))
+            quads[a, b] = q / max(float(q.sum()), 1e-6)
+            qfill[a, b] = float(q.sum()) / max((yb - ya) * (xb - xa), 1)
+    outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32) * cell
+    return ProductModel(
+        outline, hist, quads, qfill, (x1 - x0) / (y1 - y0), float(box.sum() / box[..., 0].size)
+    )
+
+
+def verify(
+    pairs: np.ndarray, product: ProductModel, content: np.ndarray
+) -> tuple[int, float, np.ndarray | None]:
+    """RANSAC homography + sanity checks -> (inliers, confidence, outline [4, 2] or None)."""
+    if len(pairs) < 8:
+        return 0, 0.0, None
+    src = np.ascontiguousarray(pairs[:, 2:4], np.float32)
+    dst = np.ascontiguousarray(pairs[:, 0:2], np.float32)
+    hm, mask = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, 5.0, maxIters=2000, confidence=0.999)
+    if hm is None or mask is None:
+        return 0, 0.0, None
+    inl = mask.ravel().astype(bool)
+    n = int(inl.sum())
+    if n < 8:
+        return n, 0.0, None
+    wden = product.outline @ hm[2, :2] + hm[2, 2]
+    if wden.min() <= 0 or wden.max() / wden.min() > 4.0:
+        return n, 0.0, None
+    quad = cv2.perspectiveTransform(product.outline[None], hm)[0]
+    if not np.isfinite(quad).all() or not cv2.isContourConvex(quad.astype(np.float32)):
+        return n, 0.0, None
+    area = abs(cv2.contourArea(quad))
+    cx, cy, cw, ch = (float(v) for v in content)
+    farea = cw * ch
+    sides = np.linalg.norm(quad - np.roll(quad, 1, 0), axis=1)
+    if area < 0.004 * farea or sides.min() < 0.15 * sides.max():
+        return n, 0.0, None
+    frame_box = np.array([[cx, cy], [cx + cw, cy], [cx + cw, cy + ch], [cx, cy + ch]], np.float32)
+    inside = cv2.intersectConvexConvex(quad.astype(np.float32), frame_box)[0]
+    if inside < 0.002 * farea or area > 6.0 * farea:
+        return n, 0.0, None
+    hull = cv2.convexHull(src[inl])
+    spread = abs(cv2.contourArea(hull)) / max(abs(cv2.contourArea(product.outline)), 1e-6)
+    if spread < 0.01:
+        return n, 0.0, None
+    conf = 1.0 - math.exp(-max(n - 7, 0) / 6.0)
+    if inside > 0.9 * farea and n < 20:  # "the whole frame" by accident needs strong support
+        conf *= 0.3
+    return n, float(conf), quad
+
+
+def _coverage(
+    counts: np.ndarray, dist: np.ndarray, n_expected: float, wb: np.ndarray
+) -> np.ndarray:
+    exp = dist[None] * n_expected
+    den = max(float((exp[0] * wb).sum()), 1e-6)
+    return np.asarray((np.minimum(counts, exp) * wb).sum(1) / den)
+
+
+def colour_score(
+    cells: np.ndarray,
+    product: ProductModel,
+    content_cells: tuple[int, int, int, int],
+    wb: np.ndarray,
+) -> float:
+    """The best region match of the product's colour in one frame's cells, in [0, 1]."""
+    x0c, y0c, x1c, y1c = content_cells
+    c = cells[y0c:y1c, x0c:x1c].astype(np.float32)
+    gh, gw = c.shape[:2]
+    bins = c.shape[-1]
+    ii = np.zeros((gh + 1, gw + 1, bins), np.float32)
+    ii[1:, 1:] = c.cumsum(0).cumsum(1)
+
+    def boxsum(y: np.ndarray, x: np.ndarray, hh: int, ww: int) -> np.ndarray:
+        return np.asarray(ii[y + hh, x + ww] - ii[y, x + ww] - ii[y + hh, x] + ii[y, x])
+
+    best = 0.0
+    for hc in (3, 4, 5, 7, 9, 12):
+        wc = round(hc * product.aspect)
+        if hc > gh or wc < 2 or wc > gw:
+            continue
+        grid_y, grid_x = np.meshgrid(np.arange(gh - hc + 1), np.arange(gw - wc + 1), indexing="ij")
+        ys, xs = grid_y.ravel(), grid_x.ravel()
+        sc = 0.5 * _coverage(boxsum(ys, xs, hc, wc), product.hist, product.fill * hc * wc, wb)
+        h2, w2 = hc // 2, wc // 2
+        for a, (ya, hh) in enumerate([(0, h2), (h2, hc - h2)]):
+            for b, (xa, ww) in enumerate([(0, w2), (w2, wc - w2)]):
+                q = boxsum(ys + ya, xs + xa, hh, ww)
+                sc = sc + 0.125 * _coverage(
+                    q, product.quads[a, b], product.qfill[a, b] * hh * ww, wb
+                )
+        best = max(best, float(sc.max()))
+    return best
+
+
+@dataclasses.dataclass
+class Evidence:
+    """Per-frame evidence that the product is there."""
+
+    inliers: np.ndarray  # [N, R] verified inliers per frame and product image
+    geo_conf: np.ndarray  # [N, R]
+    colour_conf: np.ndarray  # [N, R]
+    evidence: np.ndarray  # [N] in [0, 1]: gated, best over product images
+    boxes: list[np.ndarray | None]  # per frame: the product's outline (buffer px) or None
+    content: np.ndarray  # [4] the video's picture in the buffer (x, y, w, h)
+    side: int  # buffer side (pixels)
+
+    @property
+    def verified(self) -> np.ndarray:
+        """[N] bool: geometry verified the product in the frame."""
+        return self.geo_conf.max(axis=1) >= VERIFIED if self.geo_conf.size else np.zeros(0, bool)
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    i, n = 0, len(mask)
+    while i < n:
+        if mask[i]:
+            j = i
+            while j < n and mask[j]:
+                j += 1
+            out.append((i, j))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def has_localizer(results: JobResults) -> bool:
+    """Whether the job's results carry the localizer's outputs (frames and refs)."""
+    return (
+        results.concat(LOCALIZER["pairs"]) is not None
+        and results.ref(LOCALIZER["colour"]) is not None
+    )
+
+
+def evidence(results: JobResults) -> Evidence:
+    """Per-frame evidence from the localizer's outputs (see the module docstring)."""
+    pairs = results.concat(LOCALIZER["pairs"])
+    colour = results.concat(LOCALIZER["colour"])
+    content = results.concat(LOCALIZER["content"])
+    status = results.concat(LOCALIZER["status"])
+    ref_colour = results.ref(LOCALIZER["colour"])
+    ref_content = results.ref(LOCALIZER["content"])
+    if pairs is None or colour is None or content is None or status is None:
+        raise ValueError("results lack the localizer's outputs")
+    if ref_colour is None or ref_content is None:
+        raise ValueError("results lack the localizer's product-image outputs")
+    if (status.reshape(-1) == STATUS_NO_REFS).any():
+        raise ProductImagesLost("the GPU daemon had not seen this job's product images")
+    n, grid = len(pairs), colour.shape[1]
+    side = int(ref_content[0, 4])
+    products = [product_model(ref_colour[i], ref_content[i], side) for i in range(len(ref_colour))]
+    r = len(products)
+    frame_content = content[0, :4] if n else np.array([0, 0, side, side], np.float32)
+    cell = side / grid
+    cc = (
+        int(frame_content[0] // cell),
+        int(frame_content[1] // cell),
+        math.ceil((frame_content[0] + frame_content[2]) / cell),
+        math.ceil((frame_content[1] + frame_content[3]) / cell),
+    )
+    inl = np.zeros((n, r), int)
+    geo = np.zeros((n, r))
+    col = np.zeros((n, r))
+    quads: list[list[np.ndarray | None]] = [[None] * r for _ in range(n)]
+    palette = colour[:, cc[1] : cc[3], cc[0] : cc[2]].astype(np.float32).sum((0, 1, 2))
+    palette /= max(float(palette.sum()), 1e-6)
+    weights = [p.hist / np.maximum(p.hist + palette, 1e-6) for p in products]
+    for i in range(n):
+        rows = pairs[i][pairs[i][:, 4] >= 0]
+        for j, product in enumerate(products):
+            mine = rows[rows[:, 4] == j]
+            inl[i, j], geo[i, j], quads[i][j] = verify(mine, product, content[i, :4])
+            col[i, j] = colour_score(colour[i], product, cc, weights[j])
+    base = np.percentile(col, 25, axis=0) if n else np.zeros(r)
+    ccon = np.clip((col - np.maximum(base + COL_MARGIN, COL_FLOOR)) / COL_SPAN, 0, 1)
+    ev = np.zeros((n, r))
+    for j in range(r):
+        verified = geo[:, j] >= VERIFIED
+        if verified.sum() >= 2:
+            w = np.zeros(n)
+            for a, b in _runs(ccon[:, j] > 0.3):
+                if verified[a:b].any():
+                    w[a:b] = 0.6
+            ev[:, j] = np.maximum(geo[:, j], w * ccon[:, j])
+        else:
+            ev[:, j] = np.maximum(geo[:, j], 0.8 * ccon[:, j])
+    best = ev.max(axis=1) if r else np.zeros(n)
+    arg = ev.argmax(axis=1) if r else np.zeros(n, int)
+    boxes = [quads[i][int(arg[i])] for i in range(n)]
+    return Evidence(inl, geo, ccon, best, boxes, frame_content, side)
+
+
+@dataclasses.dataclass
+class Window:
+    start_s: float
+    end_s: float
+    score: float  # mean evidence in the window, [0, 1]
+    found: bool
+
+
+def choose_window(
+    timestamps: np.ndarray, evidence: np.ndarray, duration_s: float, length_s: float
+) -> Window:
+    """The window with the most evidence; ties resolved to the middle of the tied run."""
+    t = np.asarray(timestamps, float)
+    e = np.asarray(evidence, float)
+    if duration_s <= length_s or len(e) == 0:
+        sc = float(e.mean()) if len(e) else 0.0
+        return Window(0.0, duration_s, sc, sc >= FOUND_MIN)
+    latest = duration_s - length_s
+    starts = np.unique(np.concatenate([np.arange(0.0, latest + 1e-9, 0.25), [latest]]))
+    means = np.zeros(len(starts))
+    for k, s in enumerate(starts):
+        inside = (t >= s - 1e-9) & (t < s + length_s - 1e-9)
+        means[k] = float(e[inside].mean()) if inside.any() else 0.0
+    best = float(means.max())
+    if best <= 1e-9:
+        mid = latest / 2
+        return Window(mid, mid + length_s, 0.0, False)
+    near = means >= best - 0.02 * best
+    k = int(means.argmax())
+    lo, hi = k, k
+    while lo > 0 and near[lo - 1]:
+        lo -= 1
+    while hi < len(near) - 1 and near[hi + 1]:
+        hi += 1
+    j = (lo + hi) // 2
+    s = float(starts[j])
+    return Window(s, s + length_s, float(means[j]), bool(means[j] >= FOUND_MIN))
+
+
+def summary(ev: Evidence, timestamps: np.ndarray, window: Window) -> dict[str, Any]:
+    """``highlight.product``: whether and where the product was found in the clip.
+
+    ``box`` is the product's bounding box over the clip's verified frames, as fractions
+    of the picture (x, y, w, h in [0, 1]); ``boxes`` the per-frame boxes (time, box).
+    """
+    t = np.asarray(timestamps, float)
+    inside = (t >= window.start_s - 1e-9) & (t < window.end_s - 1e-9)
+    verified = ev.verified
+    x0, y0, w, h = (float(v) for v in ev.content)
+    per_frame: list[dict[str, Any]] = []
+    for i in np.nonzero(inside & verified)[0] if len(verified) else []:
+        quad = ev.boxes[int(i)]
+        if quad is None:
+            continue
+        lo = np.clip((quad.min(axis=0) - [x0, y0]) / [w, h], 0, 1)
+        hi = np.clip((quad.max(axis=0) - [x0, y0]) / [w, h], 0, 1)
+        per_frame.append(
+            {"t": round(float(t[i]), 3), "box": [round(float(v), 4) for v in (*lo, *(hi - lo))]}
+        )
+    box = None
+    if per_frame:
+        arr = np.array([f["box"] for f in per_frame])
+        lo = arr[:, :2].min(axis=0)
+        hi = (arr[:, :2] + arr[:, 2:]).max(axis=0)
+        box = [round(float(v), 4) for v in (*lo, *(hi - lo))]
+    n_in = int(inside.sum())
+    best_inliers = ev.inliers.max(axis=1) if ev.inliers.size else np.zeros(len(t), int)
+    return {
+        "found": bool(window.found),
+        "score": round(float(window.score), 4),
+        "frames": n_in,
+        "verified_frames": int((inside & verified).sum()) if len(verified) else 0,
+        "mean_inliers": round(float(best_inliers[inside].mean()), 2) if n_in else 0.0,
+        "box": box,
+        "boxes": per_frame,
+    }
