@@ -68,9 +68,10 @@ import torch
 
 from clipline_core.errors import ClipError, ErrorCode
 from clipline_core.settings import Settings
+from gpu_service import inprocess, protocol
 from gpu_service import models as registry
-from gpu_service import wire
 from gpu_service.models.base import BuildContext, Model
+from gpu_service.shm import ChunkKind
 from workers import decode, fetch, render, select
 from workers.preprocess import into
 
@@ -187,7 +188,9 @@ def select_and_render(
     (selection over all results, the frames of the window from the decoded frame times,
     the rendered end from the frame after the clip's last).
     """
-    choice = select.select(results, info.kept_timestamps, info.duration_s, length_s)
+    choice = select.select(
+        protocol.JobResults.from_messages(results), info.kept_timestamps, info.duration_s, length_s
+    )
     first, n_frames = info.frames_between(choice.start_s, choice.end_s)
     clip = render.render(
         video, dest, choice.start_s, n_frames, info.fps, settings.ffmpeg, first_frame=first
@@ -221,7 +224,12 @@ class Service:
 
     # -- inference ---------------------------------------------------------------
     def _forward(
-        self, x32: torch.Tensor, temporal: bool, spans: list[tuple[float, float]]
+        self,
+        x32: torch.Tensor,
+        temporal: bool,
+        spans: list[tuple[float, float]],
+        job_id: str,
+        first_chunk: int,
     ) -> list[dict[str, np.ndarray]]:
         """Run the models on a float32 CPU batch ``[B, T, H, W, 3]``; outputs per item."""
         cuda = self.device.type == "cuda"
@@ -229,17 +237,11 @@ class Service:
         if cuda:
             torch.cuda.synchronize(self.device)
         start = time.monotonic()
-        with torch.inference_mode():
-            outs = [(m, m(x)) for m in self.models if temporal or not m.temporal]
+        kind = ChunkKind.FRAMES if temporal else ChunkKind.REFS
+        per_item = inprocess.run(self.models, x, kind=kind, job_id=job_id, first_chunk=first_chunk)
         if cuda:
             torch.cuda.synchronize(self.device)
         spans.append((start, time.monotonic()))
-        per_item: list[dict[str, np.ndarray]] = [{} for _ in range(x.shape[0])]
-        for mdl, out in outs:
-            for k, v in out.items():
-                host = v.detach().float().cpu().numpy()
-                for i in range(x.shape[0]):
-                    per_item[i][f"{mdl.name}.{k}"] = host[i]
         return per_item
 
     def _message(
@@ -247,7 +249,7 @@ class Service:
     ) -> dict[str, Any]:
         """A result in the daemon's message format, so selection reads it unchanged."""
         used = [m for m in self.models if temporal or not m.temporal]
-        return wire.result_message(
+        return protocol.result_message(
             job_id="",
             generation=0,
             chunk=chunk,
@@ -265,26 +267,30 @@ class Service:
         )
 
     def infer(
-        self, frames: torch.Tensor, refs: torch.Tensor, spans: list[tuple[float, float]]
+        self,
+        frames: torch.Tensor,
+        refs: torch.Tensor,
+        spans: list[tuple[float, float]],
+        job_id: str = "baseline",
     ) -> list[dict[str, Any]]:
         """Results for one request: the refs chunk, then the frame chunks in order."""
         per = self.settings.frames_per_chunk
         batch = max(1, self.settings.max_batch_size)
         results = []
         with self.lock:
-            (ref_out,) = self._forward(refs[None], False, spans)
+            (ref_out,) = self._forward(refs[None], False, spans, job_id, -1)
             results.append(self._message("refs", -1, ref_out, False))
             n_full = frames.shape[0] // per
             chunk = 0
             for first in range(0, n_full, batch):
                 k = min(batch, n_full - first)
                 x = frames[first * per : (first + k) * per].reshape(k, per, *frames.shape[1:])
-                for out in self._forward(x, True, spans):
+                for out in self._forward(x, True, spans, job_id, chunk):
                     results.append(self._message("frames", chunk, out, True))
                     chunk += 1
             rest = frames[n_full * per :]
             if rest.shape[0]:
-                (out,) = self._forward(rest[None], True, spans)
+                (out,) = self._forward(rest[None], True, spans, job_id, chunk)
                 results.append(self._message("frames", chunk, out, True))
         return results
 
@@ -317,7 +323,7 @@ class Service:
                 timings["decode"] = time.monotonic() - t
 
                 t = time.monotonic()
-                results = self.infer(frames32, refs32, spans)
+                results = self.infer(frames32, refs32, spans, job_id)
                 timings["inference"] = time.monotonic() - t
 
                 t = time.monotonic()
