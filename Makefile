@@ -12,7 +12,7 @@ MEDIA ?= $(firstword $(wildcard ../shared/media) .samples)
 SAMPLE_VIDEO ?= $(MEDIA)/Megamind.avi
 SAMPLE_IMAGE ?= $(MEDIA)/fruits.jpg
 
-.PHONY: install demo test lint format typecheck pytest bench bench-quick dashboards clean
+.PHONY: install demo test lint format typecheck pytest samples bench bench-quick dashboards clean
 
 install: $(STAMP)
 
@@ -43,8 +43,17 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
-	$(BIN)/python -m pytest
+# The quality cases use OpenCV's sample photos (Debian's opencv-doc package): the
+# installed copy, else one fetched into .samples/opencv-data (tests skip, saying so,
+# when neither can be had).
+OPENCV_DATA ?= $(firstword $(wildcard /usr/share/doc/opencv-doc/examples/data/box.png) .samples/opencv-data/box.png)
+
+samples:
+	@test -f "$(OPENCV_DATA)" || scripts/fetch-samples.sh .samples --all-data \
+		|| echo "OpenCV sample data unavailable: the quality-case tests will skip"
+
+pytest: install samples
+	CLIPLINE_OPENCV_DATA="$(abspath $(dir $(OPENCV_DATA)))" $(BIN)/python -m pytest
 
 # Full benchmarks: tables on stdout, JSON under bench/results/.
 bench: install

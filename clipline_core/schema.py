@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clipline_core import constants
 from clipline_core.constants import PriorityClass
-from clipline_core.job import Job, JobState
+from clipline_core.job import Job, JobState, ProductEvidence
 
 
 class ErrorDetail(BaseModel):
@@ -67,6 +67,9 @@ class JobResult(BaseModel):
     )
     download: str | None = Field(
         None, description="relative URL of the clip on this API, when it keeps it"
+    )
+    product: ProductEvidence | None = Field(
+        None, description="where the product is in the highlight (the product localizer)"
     )
 
 
@@ -147,6 +150,7 @@ def job_view(job: Job) -> JobView:
             uploaded=bool(h.url),
             url=h.url,
             download=job_path(job.id) + "/highlight" if h.path else None,
+            product=h.product,
         )
     return JobView(
         id=job.id,

@@ -66,7 +66,7 @@ def daemon_process(
     # These tests are about the daemon's mechanics on random frames: the cheap
     # training-free features model serves them (the localizer has tests of its own).
     s = settings.replace(
-        models="features",
+        models=settings.models if settings.models != Settings().models else "features",
         frame_size=SIZE,
         frames_per_chunk=FRAMES,
         shm_slots=16,

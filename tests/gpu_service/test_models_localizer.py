@@ -26,6 +26,17 @@ S = 288
 
 
 @pytest.fixture(scope="module")
+def media() -> Path:
+    """The real sample media (defined here so the GPU check can run without conftest)."""
+    from clipline import samples
+
+    d = samples.real_media_dir()
+    if d is None:
+        pytest.skip("real sample media not found (CLIPLINE_MEDIA_DIR or ../shared/media)")
+    return d
+
+
+@pytest.fixture(scope="module")
 def model() -> loc.LocalizerModel:
     m = build("localizer", BuildContext(Settings(localizer_features="sift_cv2"), CPU))
     assert isinstance(m, loc.LocalizerModel)
@@ -92,10 +103,10 @@ def test_letterbox_keeps_the_aspect_and_marks_the_bars() -> None:
 
 
 def test_finds_a_tilted_product_and_its_box_and_nothing_without_it(
-    model: loc.LocalizerModel, real_media: Path
+    model: loc.LocalizerModel, media: Path
 ) -> None:
-    product = cv2.imread(str(real_media / "baboon.jpg"))
-    bg = _background(real_media, 6)
+    product = cv2.imread(str(media / "baboon.jpg"))
+    bg = _background(media, 6)
     quads = [
         np.array([[80 + 20 * i, 90], [260 + 20 * i, 110], [250 + 20 * i, 280], [90 + 20 * i, 260]])
         for i in range(3)
@@ -115,9 +126,9 @@ def test_finds_a_tilted_product_and_its_box_and_nothing_without_it(
         assert np.abs(quad - want).max() < 6.0, (quad, want)
 
 
-def test_a_product_never_shown_is_not_found(model: loc.LocalizerModel, real_media: Path) -> None:
-    product = cv2.imread(str(real_media / "baboon.jpg"))
-    frames = _buffers(_background(real_media, 8))
+def test_a_product_never_shown_is_not_found(model: loc.LocalizerModel, media: Path) -> None:
+    product = cv2.imread(str(media / "baboon.jpg"))
+    frames = _buffers(_background(media, 8))
     res = _job(model, _buffers([product]), frames)
     ev = localize.evidence(res)
     win = localize.choose_window(np.arange(8) * 0.25, ev.evidence, 2.0, 5.0)
@@ -128,10 +139,10 @@ def test_a_product_never_shown_is_not_found(model: loc.LocalizerModel, real_medi
 
 
 def test_frames_without_their_product_images_ask_for_a_retry(
-    model: loc.LocalizerModel, real_media: Path
+    model: loc.LocalizerModel, media: Path
 ) -> None:
     """A restarted daemon has not seen the job's refs chunk: the worker must not guess."""
-    frames = _buffers(_background(real_media, 2))
+    frames = _buffers(_background(media, 2))
     (out,) = inprocess.run(
         [model], torch.from_numpy(frames[None]), kind=ChunkKind.FRAMES, job_id="never-seen"
     )
@@ -183,11 +194,11 @@ def test_the_cache_of_product_features_is_bounded(model: loc.LocalizerModel) -> 
     assert ("late", 0) in model._cache
 
 
-def test_kornia_features_reach_the_same_decisions(real_media: Path) -> None:
+def test_kornia_features_reach_the_same_decisions(media: Path) -> None:
     """The CUDA path's detector (kornia's SIFT) run on the CPU: same verified frames."""
     pytest.importorskip("kornia", reason="kornia is the CUDA path's detector ([gpu] extra)")
-    product = cv2.imread(str(real_media / "baboon.jpg"))
-    bg = _background(real_media, 4)
+    product = cv2.imread(str(media / "baboon.jpg"))
+    bg = _background(media, 4)
     quad = np.array([[120, 80], [330, 100], [320, 300], [130, 280]])
     frames = _buffers([_plant(bg[0], product, quad), _plant(bg[1], product, quad), bg[2], bg[3]])
     decisions = {}
