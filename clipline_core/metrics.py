@@ -12,14 +12,13 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from clipline_core.constants import (
     LABEL_BACKEND,
-    LABEL_CODE,
     LABEL_MODEL,
     LABEL_NODE_METRIC,
     LABEL_PRIORITY,
     LABEL_STAGE,
-    LABEL_STATUS,
     Metric,
 )
+from clipline_core.job_metrics import JOBS, init_job_series  # noqa: F401 - re-exported
 
 _FAST = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -73,25 +72,9 @@ ITEMS_PROCESSED = Counter(
 )
 
 # --- workers --------------------------------------------------------------------
-JOBS = Counter(Metric.JOBS_TOTAL, "Jobs that reached a terminal state", [LABEL_STATUS, LABEL_CODE])
 STAGE_SECONDS = Histogram(
     Metric.STAGE_SECONDS, "Time spent per job stage", [LABEL_STAGE], buckets=_SLOW
 )
 FRAMES_DECODED = Counter(Metric.FRAMES_DECODED_TOTAL, "Video frames kept by the sampler")
 QUEUE_DEPTH = Gauge(Metric.QUEUE_DEPTH, "Jobs waiting in the queue", [LABEL_PRIORITY])
 JOBS_IN_FLIGHT = Gauge(Metric.JOBS_IN_FLIGHT, "Jobs being processed by workers")
-
-
-def init_job_series() -> None:
-    """Create every ``jobs_total{status,code}`` series at 0.
-
-    A labelled counter series that first appears at 1 hides that first increment from
-    ``rate()``/``increase()``; starting all bounded label combinations at 0 makes the
-    first failure of each code visible to dashboards and alerts.
-    """
-    from clipline_core.errors import JOB_CODES, ErrorCode
-
-    JOBS.labels("succeeded", "")
-    JOBS.labels("cancelled", "cancelled")
-    for code in sorted(JOB_CODES - {ErrorCode.CANCELLED}):
-        JOBS.labels("failed", code.value)

@@ -48,7 +48,7 @@ from typing import Any
 
 import redis
 
-from clipline_core import constants, metrics
+from clipline_core import constants, job_metrics
 from clipline_core.job import ACTIVE, TERMINAL, Job, JobSpec, JobState
 
 log = logging.getLogger("clipline.store")
@@ -405,7 +405,7 @@ class JobStore:
         )
 
     def _ended(self, job_id: str, state: JobState, code: str) -> None:
-        metrics.JOBS.labels(state.value, code).inc()
+        job_metrics.JOBS.labels(state.value, code).inc()
         if self.on_terminal is None:
             return
         try:

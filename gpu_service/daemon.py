@@ -197,6 +197,15 @@ def build_models(settings: Settings, device: torch.device) -> list[Model]:
 
 
 def layout_from(settings: Settings) -> ArenaLayout:
+    """The arena for ``settings``; a slot must hold one chunk of frames (a clear error)."""
+    chunk = settings.frames_per_chunk * settings.frame_size * settings.frame_size * 3
+    if chunk > settings.shm_slot_bytes:
+        raise ValueError(
+            f"a chunk of {settings.frames_per_chunk} frames of {settings.frame_size}x"
+            f"{settings.frame_size} RGB needs {chunk} bytes but a slot has "
+            f"{settings.shm_slot_bytes} (CLIPLINE_SHM_SLOT_BYTES); raise it or lower "
+            "CLIPLINE_FRAMES_PER_CHUNK / CLIPLINE_FRAME_SIZE"
+        )
     return ArenaLayout(
         n_slots=settings.shm_slots,
         slot_bytes=settings.shm_slot_bytes,

@@ -60,7 +60,7 @@ def settings(tmp_path: Path, redis_url: str, deployment: str) -> Settings:
         local_roots=os.pathsep.join(roots),
         allow_loopback=True,
         shm_slots=8,
-        shm_slot_bytes=1 << 20,
+        shm_slot_bytes=4 << 20,
         inference_timeout_s=60.0,
     )
 

@@ -66,7 +66,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[St
         state_dir=str(tmp / "state"),
         allow_loopback=True,
         shm_slots=8,
-        shm_slot_bytes=1 << 20,
+        shm_slot_bytes=4 << 20,
         inference_timeout_s=60.0,
         api_keys=keys.entries(),
         api_port=0,

@@ -40,9 +40,9 @@ def main(role: str, port: int, node: str) -> None:
             m.SHM_RESERVE_WAIT.observe(WORKER_WAIT_S)
             time.sleep(WORKER_EVERY_S)
     elif role == "api":
-        from clipline.api import app
+        from clipline.api import middleware
 
-        app.REQUESTS.labels("GET", "/v1/jobs/{job_id}", "200").inc()
+        middleware.REQUESTS.labels("GET", "/v1/jobs/{job_id}", "200").inc()
         start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
     elif role == "operator":
         from clipline_operator import metrics as om
