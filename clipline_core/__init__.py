@@ -2,7 +2,8 @@
 
 ``constants`` (wire names: queues, keys, metric names, headers), ``settings`` (the one
 ``Settings`` tree read from ``CLIPLINE_*``), ``errors`` (stable error codes),
-``metrics`` (metric definitions; ``job_metrics`` the job-outcome counter), ``job`` (the job model and its states), ``schema``
+``metrics`` (metric definitions;
+``job_metrics`` the job-outcome counter), ``job`` (the job model and its states), ``schema``
 (the public JSON shapes of a job), ``store`` (the job store in Redis), ``signing``
 (callback signatures), ``httpserve`` (the metrics endpoint), ``localredis`` (a Redis
 URL, or an embedded server) and ``procs`` (process helpers).

@@ -157,6 +157,14 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    def section(self, name: str) -> dict[str, Any]:
+        """The fields of one section (:data:`SECTIONS`) and their values."""
+        try:
+            fields = SECTIONS[name]
+        except KeyError:
+            raise KeyError(f"no settings section {name!r}; known: {', '.join(SECTIONS)}") from None
+        return {f: getattr(self, f) for f in fields}
+
     # Derived paths -------------------------------------------------------
     @property
     def scratch_path(self) -> Path:
@@ -179,6 +187,95 @@ class Settings:
     @property
     def socket_path(self) -> Path:
         return Path(self.shm_dir) / constants.shm_socket_name(self.deployment)
+
+
+#: The settings by section (one field in exactly one; ``tests`` check): what each part of
+#: the system reads. The environment names stay flat (``CLIPLINE_<FIELD>``).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "identity": ("deployment", "node_name", "redis_url", "state_dir"),
+    "shm": (
+        "shm_dir",
+        "shm_slots",
+        "shm_slot_bytes",
+        "shm_reserve_timeout_s",
+        "shm_starvation_age_s",
+        "shm_spin_us",
+        "frames_per_chunk",
+        "frame_size",
+        "sample_fps",
+    ),
+    "daemon": (
+        "device",
+        "max_batch_size",
+        "max_queue_delay_ms",
+        "torch_threads",
+        "daemon_metrics_port",
+        "result_ttl_s",
+    ),
+    "models": (
+        "models",
+        "backend",
+        "weights_dir",
+        "model_backends",
+        "precision",
+        "engine_cache_dir",
+        "saliency_size",
+        "saliency_anchors",
+        "embed_arch",
+        "embed_size",
+        "embed_heads",
+        "copywriter_max_new_tokens",
+        "localizer_features",
+        "localizer_keypoints",
+    ),
+    "worker": (
+        "worker_concurrency",
+        "decode_segments",
+        "decode_threads",
+        "job_lease_s",
+        "worker_metrics_port",
+        "scratch_dir",
+        "artifacts_dir",
+        "local_roots",
+        "allow_private_networks",
+        "allow_loopback",
+        "max_video_bytes",
+        "max_image_bytes",
+        "max_duration_s",
+        "max_resolution",
+        "max_frames",
+        "min_decoded_frames",
+        "fetch_connect_timeout_s",
+        "fetch_read_timeout_s",
+        "fetch_retries",
+        "job_soft_time_limit_s",
+        "job_time_limit_s",
+        "inference_timeout_s",
+        "max_attempts",
+        "terminal_ttl_s",
+        "visibility_timeout_s",
+        "ffmpeg",
+    ),
+    "api": (
+        "api_port",
+        "api_workers",
+        "api_threads",
+        "api_keys",
+        "api_key_file",
+        "api_rate_limit",
+        "api_rate_burst",
+        "api_max_body_bytes",
+        "api_allow_local_paths",
+        "api_access_log",
+    ),
+    "callbacks": (
+        "callback_secret",
+        "callback_timeout_s",
+        "callback_max_attempts",
+        "callback_backoff_s",
+        "callback_backoff_max_s",
+    ),
+}
 
 
 def _parse(kind: Any, raw: str, name: str) -> Any:

@@ -280,3 +280,16 @@ def test_lua_scripts_take_state_names_from_the_enum() -> None:
         assert f"{s.value}=true" in active
     with pytest.raises(ValueError, match="placeholder"):
         store_module._lua("return $NOT_A_STATE")
+
+
+def test_every_setting_is_in_exactly_one_section() -> None:
+    import dataclasses
+
+    from clipline_core.settings import SECTIONS
+
+    placed = [f for fields in SECTIONS.values() for f in fields]
+    assert sorted(placed) == sorted(f.name for f in dataclasses.fields(Settings))
+    s = Settings(frame_size=96)
+    assert s.section("shm")["frame_size"] == 96
+    with pytest.raises(KeyError, match="no settings section"):
+        s.section("nope")
