@@ -131,7 +131,8 @@ def model_backends(settings: Settings) -> dict[str, str]:
 
 def model_names(settings: Settings) -> list[str]:
     names = [n.strip() for n in settings.models.split(",") if n.strip()]
-    if "features" not in names:
+    # The selection needs one of its scorers' models: the localizer, else the features.
+    if "features" not in names and "localizer" not in names:
         names.insert(0, "features")
     return list(dict.fromkeys(names))
 

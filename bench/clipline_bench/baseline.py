@@ -89,11 +89,10 @@ THREAD_ENV = (
 
 
 def model_names(settings: Settings) -> list[str]:
-    """The models a deployment runs, ``features`` first (as the daemon builds them)."""
-    names = [n.strip() for n in settings.models.split(",") if n.strip()]
-    if "features" not in names:
-        names.insert(0, "features")
-    return names
+    """The models a deployment runs, exactly as the daemon builds them."""
+    from gpu_service.daemon import model_names as daemon_model_names
+
+    return daemon_model_names(settings)
 
 
 def resolve_device(name: str) -> torch.device:
