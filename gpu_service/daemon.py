@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -137,12 +139,36 @@ def model_names(settings: Settings) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _build_one(name: str, settings: Settings, device: torch.device) -> Model:
+def redis_job_texts(client: Any, deployment: str) -> Callable[[str], tuple[str, str]]:
+    """A job id -> ``(title, description)`` lookup in the job's spec (``("", "")`` on any
+    error: a missing job, a spec that does not parse, Redis down)."""
+
+    def job_texts(job_id: str) -> tuple[str, str]:
+        try:
+            raw = client.hget(constants.job_key(deployment, job_id), "spec")
+            spec = json.loads(raw) if raw else {}
+            title, description = spec.get("title") or "", spec.get("description") or ""
+            if isinstance(title, str) and isinstance(description, str):
+                return title, description
+        except Exception:
+            log.debug("no texts for job %s", job_id, exc_info=True)
+        return "", ""
+
+    return job_texts
+
+
+def _build_one(
+    name: str,
+    settings: Settings,
+    device: torch.device,
+    job_texts: Callable[[str], tuple[str, str]] | None = None,
+) -> Model:
     if name not in registry.available():
         # Models register themselves on import; load gpu_service.models.<name> if needed.
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(f"gpu_service.models.{name}")
-    return registry.build(name, BuildContext(settings=settings, device=device))
+    ctx = BuildContext(settings=settings, device=device, job_texts=job_texts)
+    return registry.build(name, ctx)
 
 
 def text_model_names(settings: Settings) -> list[str]:
@@ -165,8 +191,15 @@ def build_text_models(settings: Settings, device: torch.device) -> list[TextMode
     return built
 
 
-def build_models(settings: Settings, device: torch.device) -> list[Model]:
-    """Build every configured model with its backend (falling back to eager if it fails)."""
+def build_models(
+    settings: Settings,
+    device: torch.device,
+    job_texts: Callable[[str], tuple[str, str]] | None = None,
+) -> list[Model]:
+    """Build every configured model with its backend (falling back to eager if it fails).
+
+    ``job_texts`` (job id -> title, description) is handed to the models that need it.
+    """
     overrides = model_backends(settings)
     text = set(text_model_names(settings))
     names = [n for n in model_names(settings) if n not in text]
@@ -177,14 +210,14 @@ def build_models(settings: Settings, device: torch.device) -> list[Model]:
         requested = overrides.get(name, settings.backend)
         own = settings if requested == settings.backend else settings.replace(backend=requested)
         try:
-            model = _build_one(name, own, device)
+            model = _build_one(name, own, device, job_texts)
         except KeyError:
             raise
         except Exception:
             if requested == "eager":
                 raise
             log.exception("model %s failed to build with backend %s; using eager", name, requested)
-            model = _build_one(name, settings.replace(backend="eager"), device)
+            model = _build_one(name, settings.replace(backend="eager"), device, job_texts)
         log.info(
             "model %s: backend %s (requested %s), %s, %s",
             model.name,
@@ -255,7 +288,13 @@ class Daemon:
             from clipline_core import httpserve
 
             self._http = httpserve.serve(settings.daemon_metrics_port, self.ready, live=self.live)
-        self.models = models if models is not None else build_models(settings, self.device)
+        self.models = (
+            models
+            if models is not None
+            else build_models(
+                settings, self.device, redis_job_texts(self.redis, settings.deployment)
+            )
+        )
         self.text_models = (
             text_models if text_models is not None else build_text_models(settings, self.device)
         )

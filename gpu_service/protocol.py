@@ -97,6 +97,9 @@ EMBED = ModelOutputs("embed", ("embed",))
 #: matched keypoint pairs against the job's product images, colour cells, the picture's
 #: rectangle inside the letterbox and a status (see gpu_service.models.localizer)
 LOCALIZER = ModelOutputs("localizer", ("pairs", "colour", "content", "status"))
+#: per-frame cosine to the job's title and description (``text`` [1]) and to each of its
+#: product images (``image`` [8], zero padded) under a CLIP model (gpu_service.models.clip)
+CLIP = ModelOutputs("clip", ("text", "image"))
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:

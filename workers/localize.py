@@ -28,6 +28,14 @@ turns that into evidence, on the worker's CPU (a few milliseconds per frame):
 * **Window**: the ``length_s`` window with the highest mean evidence; no motion term,
   so cuts and zooms earn nothing; ties (within 2 %) go to the middle of the tied run,
   not the earliest. ``found`` when that mean is at least :data:`FOUND_MIN`.
+* **CLIP**, only when the job's results trust the ``clip`` model (real weights; see
+  :mod:`gpu_service.models.clip`): per frame the mean of its cosine to the job's text
+  (when the job has one) and its best cosine over the job's product images, made robust
+  within the video (``z = (s - median) / (1.4826 * MAD)``, confidence
+  ``clip(z / 3, 0, 1)``: only frames standing out from the rest of this video count),
+  and the frame's evidence becomes ``max(evidence, CLIP_WEIGHT * confidence)``. With
+  :data:`CLIP_WEIGHT` 0.5 CLIP alone never outweighs verified geometry (at least
+  :data:`VERIFIED`); without trusted CLIP outputs the evidence is exactly the above.
 
 Must not import torch, the daemon or the models: it reads
 :class:`gpu_service.protocol.JobResults` only.
@@ -42,7 +50,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from gpu_service.protocol import LOCALIZER, JobResults
+from gpu_service.protocol import CLIP, LOCALIZER, JobResults
 
 #: mean evidence over the chosen window from which the product counts as found
 FOUND_MIN = 0.25
@@ -51,6 +59,8 @@ COL_MARGIN, COL_FLOOR, COL_SPAN = 0.2, 0.55, 0.15
 #: geometry confidence from which a frame counts as verified
 VERIFIED = 0.5
 STATUS_NO_REFS = 0
+#: the most a frame's evidence can get from CLIP alone (see the module docstring)
+CLIP_WEIGHT = 0.5
 
 
 class ProductImagesLost(Exception):
@@ -285,9 +295,37 @@ def evidence(results: JobResults) -> Evidence:
         else:
             ev[:, j] = np.maximum(geo[:, j], 0.8 * ccon[:, j])
     best = ev.max(axis=1) if r else np.zeros(n)
+    clip = clip_confidence(results, r)
+    if clip is not None and len(clip) == n:
+        best = np.maximum(best, CLIP_WEIGHT * clip)
     arg = ev.argmax(axis=1) if r else np.zeros(n, int)
     boxes = [quads[i][int(arg[i])] for i in range(n)]
     return Evidence(inl, geo, ccon, best, boxes, frame_content, side)
+
+
+def clip_confidence(results: JobResults, products: int) -> np.ndarray | None:
+    """Per-frame CLIP confidence in [0, 1] (see the module docstring), or None when the
+    results carry no trusted CLIP outputs (``products``: the job's product images)."""
+    if not results.trusted(CLIP.model):
+        return None
+    text = results.concat(CLIP["text"])
+    image = results.concat(CLIP["image"])
+    if text is None or image is None:
+        return None
+    terms: list[np.ndarray] = []
+    if np.any(text != 0):
+        terms.append(text[:, 0].astype(np.float64))
+    k = min(products, image.shape[1])
+    if k:
+        terms.append(image[:, :k].max(axis=1).astype(np.float64))
+    if not terms or len(terms[0]) == 0:
+        return None
+    s = np.mean(terms, axis=0)
+    med = float(np.median(s))
+    mad = 1.4826 * float(np.median(np.abs(s - med)))
+    if mad <= 1e-9:
+        return np.zeros(len(s))
+    return np.asarray(np.clip((s - med) / mad / 3.0, 0.0, 1.0))
 
 
 @dataclasses.dataclass

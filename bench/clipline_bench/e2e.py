@@ -110,7 +110,7 @@ from clipline_core import constants
 from clipline_core.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODELS = "features,saliency,embed"
+DEFAULT_MODELS = "localizer"  # the default model set (Settings.models)
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "e2e.json"
 DEFAULT_PLOT = REPO_ROOT / "bench" / "results" / "e2e-busy.png"
 DEFAULT_SWEEP_PLOT = REPO_ROOT / "bench" / "results" / "e2e-sweep.png"
@@ -250,7 +250,7 @@ def _models(requested: str) -> tuple[list[str], list[str]]:
 
     known = set(registry.available())
     wanted = [m.strip() for m in requested.split(",") if m.strip()]
-    if "features" not in wanted:
+    if "features" not in wanted and "localizer" not in wanted:  # as the daemon builds them
         wanted.insert(0, "features")
     return [m for m in wanted if m in known], [m for m in wanted if m not in known]
 

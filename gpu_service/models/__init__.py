@@ -1,7 +1,8 @@
 """Models served by the GPU daemon; importing this package registers the built-ins.
 
-Frame models (``Model``: uint8 chunks in, per-frame tensors out): ``features``,
-``saliency`` (TASED-Net), ``embed`` (ViT). Text models (``TextModel``: prompts in,
+Frame models (``Model``: uint8 chunks in, per-frame tensors out): ``localizer`` (the
+product localizer, the default), ``features``, ``saliency`` (TASED-Net), ``embed`` (ViT),
+``clip`` (CLIP image-text). Text models (``TextModel``: prompts in,
 short texts out): ``copywriter`` (GPT-2).
 """
 

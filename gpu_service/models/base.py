@@ -41,10 +41,16 @@ class InputSpec:
 
 @dataclasses.dataclass(frozen=True)
 class BuildContext:
-    """What a model factory may use: the settings and the device it runs on."""
+    """What a model factory may use: the settings and the device it runs on.
+
+    ``job_texts`` maps a job id to its ``(title, description)`` (``("", "")`` when
+    unknown); the daemon sets it (read from the job's spec in Redis), tests and
+    benchmarks leave it None.
+    """
 
     settings: Settings
     device: torch.device
+    job_texts: Callable[[str], tuple[str, str]] | None = None
 
 
 class Model(abc.ABC):

@@ -43,7 +43,9 @@ Must not import the workers, the daemon or the engine.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -204,34 +206,53 @@ class Features:
 
 
 class OpenCVSift(Features):
-    """OpenCV's SIFT on the host (the CPU path)."""
+    """OpenCV's SIFT on the host (the CPU path), frames spread over the daemon's threads.
+
+    OpenCV releases the GIL while it detects, so a small pool of threads (as many as
+    the daemon's intra-op threads) describes several frames of a batch at once; each
+    thread keeps its own detector.
+    """
 
     name = "sift_cv2"
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, threads: int = 1) -> None:
         super().__init__(k)
-        self.sift = cv2.SIFT_create(nfeatures=k, contrastThreshold=0.01)  # type: ignore[attr-defined]
+        self.threads = max(1, threads)
+        self._local = threading.local()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _sift(self) -> Any:
+        sift = getattr(self._local, "sift", None)
+        if sift is None:
+            sift = cv2.SIFT_create(nfeatures=self.k, contrastThreshold=0.01)  # type: ignore[attr-defined]
+            self._local.sift = sift
+        return sift
+
+    def _one(self, img: np.ndarray, box: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, w, h = (int(v) for v in box)
+        gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        mask = np.zeros(gray.shape, np.uint8)
+        # a few pixels off the bars: their edge is not the product's
+        mask[y + 2 : y + h - 2, x + 2 : x + w - 2] = 255
+        kps, desc = self._sift().detectAndCompute(gray, mask)
+        if desc is None or not kps:
+            return torch.zeros(0, 2), torch.zeros(0, 128)
+        order = np.argsort([-p.response for p in kps])[: self.k]
+        xy = np.array([kps[i].pt for i in order], np.float32)
+        return torch.from_numpy(xy), torch.from_numpy(_rootsift(desc[order]))
 
     def __call__(
         self, frames: torch.Tensor, rects: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         host = frames.cpu().numpy()
-        boxes = rects.cpu().numpy().astype(int)
-        out = []
-        for img, (x, y, w, h) in zip(host, boxes, strict=True):
-            gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-            mask = np.zeros(gray.shape, np.uint8)
-            # a few pixels off the bars: their edge is not the product's
-            mask[y + 2 : y + h - 2, x + 2 : x + w - 2] = 255
-            kps, desc = self.sift.detectAndCompute(gray, mask)
-            if desc is None or not kps:
-                out.append((torch.zeros(0, 2), torch.zeros(0, 128)))
-                continue
-            order = np.argsort([-p.response for p in kps])[: self.k]
-            xy = np.array([kps[i].pt for i in order], np.float32)
-            d = _rootsift(desc[order])
-            out.append((torch.from_numpy(xy), torch.from_numpy(d)))
-        return out
+        boxes = rects.cpu().numpy()
+        if self.threads == 1 or len(host) == 1:
+            return [self._one(img, box) for img, box in zip(host, boxes, strict=True)]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.threads, thread_name_prefix="localizer"
+            )
+        return list(self._pool.map(self._one, host, boxes))
 
 
 class KorniaSift(Features):
@@ -277,7 +298,7 @@ def make_features(kind: str, k: int, device: torch.device) -> Features:
     if kind == "sift_kornia":
         return KorniaSift(k, device)
     if kind == "sift_cv2":
-        return OpenCVSift(k)
+        return OpenCVSift(k, threads=torch.get_num_threads())
     raise ValueError(f"unknown localizer_features {kind!r} (auto | sift_cv2 | sift_kornia)")
 
 

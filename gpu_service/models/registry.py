@@ -10,7 +10,14 @@ engine or anything of the workers.
 
 from __future__ import annotations
 
-from gpu_service.models import copywriter, embed, features, localizer, saliency  # noqa: F401
+from gpu_service.models import (  # noqa: F401
+    clip,
+    copywriter,
+    embed,
+    features,
+    localizer,
+    saliency,
+)
 from gpu_service.models.base import _REGISTRY, BuildContext, Model
 from gpu_service.models.text import _TEXT_REGISTRY, TextModel
 
