@@ -324,10 +324,25 @@ def cmd_highlight(args: argparse.Namespace) -> int:
     return EXIT_OK if summary["status"] == "succeeded" else EXIT_FAILED
 
 
+def _product_line(product: dict[str, Any] | None) -> str:
+    """What the localizer said about the product, for a person."""
+    if not product:
+        return "not localized (whole-frame scorer)"
+    if not product.get("found"):
+        return "not found in the video (best-effort window)"
+    box = product.get("box")
+    where = f", box x {box[0]:.2f} y {box[1]:.2f} w {box[2]:.2f} h {box[3]:.2f}" if box else ""
+    return (
+        f"found, verified in {product.get('verified_frames', 0)} of "
+        f"{product.get('frames', 0)} frames{where}"
+    )
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     if summary["status"] == "succeeded":
         h = summary["highlight"]
         print(f"highlight: {h['start_s']:.2f}-{h['end_s']:.2f} s (score {h['score']:.3f})")
+        print(f"product:   {_product_line(h.get('product'))}")
         print(f"clip:      {h['path']}")
     else:
         err = summary.get("error") or {}
@@ -463,6 +478,8 @@ def _print_view(view: Any) -> None:
     if view.result is not None:
         r = view.result
         print(f"highlight: {r.start_s:.2f}-{r.end_s:.2f} s (score {r.score:.3f})")
+        product = r.product.model_dump() if r.product is not None else None
+        print(f"product:   {_product_line(product)}")
     elif view.error is not None:
         print(f"{view.state.value}: {view.error.code}: {view.error.message}")
     else:
