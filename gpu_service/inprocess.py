@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gpu_service import protocol
 from gpu_service.models.base import Model
 from gpu_service.shm import ChunkKind, Descriptor
 
@@ -69,3 +70,46 @@ def run(
             for i in range(len(items)):
                 per_row[i][name] = host[i]
     return per_row
+
+
+def message(
+    models: Sequence[Model], kind: str, chunk: int, outputs: dict[str, np.ndarray], job_id: str
+) -> dict[str, object]:
+    """One row's outputs as the daemon's result message (what the workers read)."""
+    return protocol.result_message(
+        job_id=job_id,
+        generation=0,
+        chunk=chunk,
+        kind=kind,
+        frames=int(next(iter(outputs.values())).shape[0]),
+        outputs=outputs,
+        trusted={m.name: m.trusted for m in models},
+        backends={m.name: m.backend for m in models},
+        device="inprocess",
+        queue_wait_s=0.0,
+        inference_s=0.0,
+        latency_s=0.0,
+        batch=1,
+        batch_seq=0,
+    )
+
+
+def job_results(
+    models: Sequence[Model],
+    refs: np.ndarray,
+    frames: np.ndarray,
+    per_chunk: int,
+    device: torch.device,
+    job_id: str = "inprocess",
+) -> protocol.JobResults:
+    """A whole job's results, computed here: the refs chunk (``refs`` ``[R, H, W, 3]``),
+    then ``frames`` ``[N, H, W, 3]`` in chunks of ``per_chunk``, through the wire format."""
+    msgs = []
+    x = torch.from_numpy(np.ascontiguousarray(refs)[None]).to(device)
+    (out,) = run(models, x, kind=ChunkKind.REFS, job_id=job_id, first_chunk=-1)
+    msgs.append(message(models, protocol.REFS_KIND, -1, out, job_id))
+    for c, first in enumerate(range(0, len(frames), per_chunk)):
+        x = torch.from_numpy(np.ascontiguousarray(frames[first : first + per_chunk])[None])
+        (out,) = run(models, x.to(device), kind=ChunkKind.FRAMES, job_id=job_id, first_chunk=c)
+        msgs.append(message(models, protocol.FRAMES_KIND, c, out, job_id))
+    return protocol.JobResults.from_messages(protocol.loads(protocol.dumps(m)) for m in msgs)

@@ -37,10 +37,9 @@ import torch
 
 from clipline_bench import quality_cases
 from clipline_core.settings import Settings
-from gpu_service import inprocess, protocol
+from gpu_service import inprocess
 from gpu_service.models import BuildContext, build
 from gpu_service.models.base import Model
-from gpu_service.shm import ChunkKind
 from workers import decode, preprocess, select
 
 TARGET_HIT_RATE = 0.9
@@ -62,40 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     parser.add_argument("--json", action="store_true", help="print the JSON report")
-
-
-def _results(
-    models: list[Model], refs: np.ndarray, frames: np.ndarray, per: int, device: torch.device
-) -> protocol.JobResults:
-    """The job's results as the daemon would publish them, computed in this process."""
-
-    def message(kind: str, chunk: int, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        return protocol.result_message(
-            job_id="q",
-            generation=0,
-            chunk=chunk,
-            kind=kind,
-            frames=int(next(iter(outputs.values())).shape[0]),
-            outputs=outputs,
-            trusted={m.name: m.trusted for m in models},
-            backends={m.name: m.backend for m in models},
-            device=device.type,
-            queue_wait_s=0.0,
-            inference_s=0.0,
-            latency_s=0.0,
-            batch=1,
-            batch_seq=0,
-        )
-
-    msgs = []
-    x = torch.from_numpy(refs[None]).to(device)
-    (out,) = inprocess.run(models, x, kind=ChunkKind.REFS, job_id="q", first_chunk=-1)
-    msgs.append(message("refs", -1, out))
-    for c, first in enumerate(range(0, len(frames), per)):
-        x = torch.from_numpy(np.ascontiguousarray(frames[first : first + per])[None]).to(device)
-        (out,) = inprocess.run(models, x, kind=ChunkKind.FRAMES, job_id="q", first_chunk=c)
-        msgs.append(message("frames", c, out))
-    return protocol.JobResults.from_messages(protocol.loads(protocol.dumps(m)) for m in msgs)
 
 
 def _stretched(frames: np.ndarray, size: int = OLD_SIZE) -> np.ndarray:
@@ -134,7 +99,7 @@ def run_case(
         "frames": len(frames),
     }
     t0 = time.process_time()
-    res = _results(localizer, refs, frames, settings.frames_per_chunk, device)
+    res = inprocess.job_results(localizer, refs, frames, settings.frames_per_chunk, device)
     new = select.select(res, ts, info.duration_s, length)
     new_cpu = time.process_time() - t0
     product = new.product or {}
@@ -152,7 +117,7 @@ def run_case(
     t0 = time.process_time()
     small = _stretched(frames)
     small_refs = _stretched(refs)
-    old_res = _results(features, small_refs, small, settings.frames_per_chunk, device)
+    old_res = inprocess.job_results(features, small_refs, small, settings.frames_per_chunk, device)
     old = select.select(old_res, ts, info.duration_s, length)
     old_cpu = time.process_time() - t0
     row["whole_frame"] = {

@@ -77,16 +77,7 @@ def _buffers(images: list[np.ndarray]) -> np.ndarray:
 def _job(
     model: loc.LocalizerModel, refs: np.ndarray, frames: np.ndarray, job: str = "j"
 ) -> protocol.JobResults:
-    def msg(kind: str, chunk: int, outs: dict[str, np.ndarray]) -> dict:
-        return protocol.result_message(
-            job_id=job, generation=0, chunk=chunk, kind=kind, frames=len(next(iter(outs.values()))),
-            outputs=outs, trusted={"localizer": True}, backends={"localizer": model.backend},
-            device="cpu", queue_wait_s=0, inference_s=0, latency_s=0, batch=1, batch_seq=0,
-        )  # fmt: skip
-
-    (r,) = inprocess.run([model], torch.from_numpy(refs[None]), kind=ChunkKind.REFS, job_id=job)
-    (f,) = inprocess.run([model], torch.from_numpy(frames[None]), kind=ChunkKind.FRAMES, job_id=job)
-    return protocol.JobResults.from_messages([msg("refs", -1, r), msg("frames", 0, f)])
+    return inprocess.job_results([model], refs, frames, len(frames), CPU, job_id=job)
 
 
 def test_letterbox_keeps_the_aspect_and_marks_the_bars() -> None:
