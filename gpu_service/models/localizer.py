@@ -230,15 +230,16 @@ class OpenCVSift(Features):
 
     def _one(self, img: np.ndarray, box: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, w, h = (int(v) for v in box)
-        gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        # Only the picture: the bars cost scale-space work and their edges are not the
+        # product's (a few pixels off the picture's border are masked too).
+        gray = cv2.cvtColor(np.ascontiguousarray(img[y : y + h, x : x + w]), cv2.COLOR_RGB2GRAY)
         mask = np.zeros(gray.shape, np.uint8)
-        # a few pixels off the bars: their edge is not the product's
-        mask[y + 2 : y + h - 2, x + 2 : x + w - 2] = 255
+        mask[2:-2, 2:-2] = 255
         kps, desc = self._sift().detectAndCompute(gray, mask)
         if desc is None or not kps:
             return torch.zeros(0, 2), torch.zeros(0, 128)
         order = np.argsort([-p.response for p in kps])[: self.k]
-        xy = np.array([kps[i].pt for i in order], np.float32)
+        xy = np.array([kps[i].pt for i in order], np.float32) + np.float32([x, y])
         return torch.from_numpy(xy), torch.from_numpy(_rootsift(desc[order]))
 
     def __call__(
