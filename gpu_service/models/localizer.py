@@ -239,7 +239,7 @@ class OpenCVSift(Features):
         if desc is None or not kps:
             return torch.zeros(0, 2), torch.zeros(0, 128)
         order = np.argsort([-p.response for p in kps])[: self.k]
-        xy = np.array([kps[i].pt for i in order], np.float32) + np.float32([x, y])
+        xy = np.array([kps[i].pt for i in order], np.float32) + np.array([x, y], np.float32)
         return torch.from_numpy(xy), torch.from_numpy(_rootsift(desc[order]))
 
     def __call__(
