@@ -57,7 +57,7 @@ log = logging.getLogger("clipline.store")
 OWNER_FIELD = "tenant"
 #: the states a job can still leave
 NONTERMINAL: frozenset[JobState] = frozenset({JobState.QUEUED, *ACTIVE})
-OnTerminal = Callable[[str], None]
+OnTerminal = Callable[[str], object]
 
 
 def _lua(source: str) -> str:

@@ -73,9 +73,16 @@ def run(
 
 
 def message(
-    models: Sequence[Model], kind: str, chunk: int, outputs: dict[str, np.ndarray], job_id: str
+    models: Sequence[Model],
+    kind: str,
+    chunk: int,
+    outputs: dict[str, np.ndarray],
+    job_id: str,
+    device: str = "inprocess",
 ) -> dict[str, object]:
-    """One row's outputs as the daemon's result message (what the workers read)."""
+    """One row's outputs as the daemon's result message (what the workers read); the
+    product images' message names only the models that ran on them (non-temporal)."""
+    used = [m for m in models if kind != protocol.REFS_KIND or not m.temporal]
     return protocol.result_message(
         job_id=job_id,
         generation=0,
@@ -83,9 +90,9 @@ def message(
         kind=kind,
         frames=int(next(iter(outputs.values())).shape[0]),
         outputs=outputs,
-        trusted={m.name: m.trusted for m in models},
-        backends={m.name: m.backend for m in models},
-        device="inprocess",
+        trusted={m.name: m.trusted for m in used},
+        backends={m.name: m.backend for m in used},
+        device=device,
         queue_wait_s=0.0,
         inference_s=0.0,
         latency_s=0.0,

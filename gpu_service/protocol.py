@@ -97,6 +97,9 @@ EMBED = ModelOutputs("embed", ("embed",))
 #: matched keypoint pairs against the job's product images, colour cells, the picture's
 #: rectangle inside the letterbox and a status (see gpu_service.models.localizer)
 LOCALIZER = ModelOutputs("localizer", ("pairs", "colour", "content", "status"))
+#: the localizer's ``status`` per picture: this daemon had not seen the job's product
+#: images (the worker retries the job), matched against them, a product image itself
+LOCALIZER_NO_REFS, LOCALIZER_MATCHED, LOCALIZER_REFS = 0.0, 1.0, 2.0
 #: per-frame cosine to the job's title and description (``text`` [1]) and to each of its
 #: product images (``image`` [8], zero padded) under a CLIP model (gpu_service.models.clip)
 CLIP = ModelOutputs("clip", ("text", "image"))
@@ -275,11 +278,8 @@ def caption_message(
 
 def caption_of(results: Iterable[Mapping[str, Any]]) -> str | None:
     """The caption among a job's results: None if absent, failed or empty."""
-    for msg in results:
-        if msg.get("kind") == CAPTION_KIND and not msg.get("error"):
-            text = msg.get("caption")
-            return text if isinstance(text, str) and text else None
-    return None
+    caption = JobResults.from_messages(results).caption
+    return caption.caption if caption is not None else None
 
 
 def parse_models(field: str) -> dict[str, tuple[str, bool]]:

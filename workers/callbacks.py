@@ -104,12 +104,8 @@ def job_store(settings: Settings, redis_client: Any, celery: Celery) -> JobStore
     so a job's callback is enqueued by :meth:`JobStore.finish` and nowhere else.
     """
     store = JobStore(redis_client, settings.deployment, settings.terminal_ttl_s)
-    store.on_terminal = lambda job_id: _notify_quietly(settings, store, job_id, celery)
+    store.on_terminal = lambda job_id: notify(settings, store, job_id, celery)
     return store
-
-
-def _notify_quietly(settings: Settings, store: JobStore, job_id: str, celery: Celery) -> None:
-    notify(settings, store, job_id, celery)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,7 +50,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from gpu_service.protocol import CLIP, LOCALIZER, JobResults
+from gpu_service.protocol import CLIP, LOCALIZER, LOCALIZER_NO_REFS, JobResults
 
 #: mean evidence over the chosen window from which the product counts as found
 FOUND_MIN = 0.25
@@ -58,7 +58,6 @@ FOUND_MIN = 0.25
 COL_MARGIN, COL_FLOOR, COL_SPAN = 0.2, 0.55, 0.15
 #: geometry confidence from which a frame counts as verified
 VERIFIED = 0.5
-STATUS_NO_REFS = 0
 #: the most a frame's evidence can get from CLIP alone (see the module docstring)
 CLIP_WEIGHT = 0.5
 
@@ -211,7 +210,6 @@ class Evidence:
     evidence: np.ndarray  # [N] in [0, 1]: gated, best over product images
     boxes: list[np.ndarray | None]  # per frame: the product's outline (buffer px) or None
     content: np.ndarray  # [4] the video's picture in the buffer (x, y, w, h)
-    side: int  # buffer side (pixels)
 
     @property
     def verified(self) -> np.ndarray:
@@ -254,7 +252,7 @@ def evidence(results: JobResults) -> Evidence:
         raise ValueError("results lack the localizer's outputs")
     if ref_colour is None or ref_content is None:
         raise ValueError("results lack the localizer's product-image outputs")
-    if (status.reshape(-1) == STATUS_NO_REFS).any():
+    if (status.reshape(-1) == LOCALIZER_NO_REFS).any():
         raise ProductImagesLost("the GPU daemon had not seen this job's product images")
     n, grid = len(pairs), colour.shape[1]
     side = int(ref_content[0, 4])
@@ -300,7 +298,7 @@ def evidence(results: JobResults) -> Evidence:
         best = np.maximum(best, CLIP_WEIGHT * clip)
     arg = ev.argmax(axis=1) if r else np.zeros(n, int)
     boxes = [quads[i][int(arg[i])] for i in range(n)]
-    return Evidence(inl, geo, ccon, best, boxes, frame_content, side)
+    return Evidence(inl, geo, ccon, best, boxes, frame_content)
 
 
 def clip_confidence(results: JobResults, products: int) -> np.ndarray | None:

@@ -244,26 +244,10 @@ class Service:
         return per_item
 
     def _message(
-        self, kind: str, chunk: int, outputs: dict[str, np.ndarray], temporal: bool
+        self, kind: str, chunk: int, outputs: dict[str, np.ndarray], job_id: str
     ) -> dict[str, Any]:
         """A result in the daemon's message format, so selection reads it unchanged."""
-        used = [m for m in self.models if temporal or not m.temporal]
-        return protocol.result_message(
-            job_id="",
-            generation=0,
-            chunk=chunk,
-            kind=kind,
-            frames=int(next(iter(outputs.values())).shape[0]),
-            outputs=outputs,
-            trusted={m.name: m.trusted for m in used},
-            backends={m.name: m.backend for m in used},
-            device=self.device.type,
-            queue_wait_s=0.0,
-            inference_s=0.0,
-            latency_s=0.0,
-            batch=1,
-            batch_seq=0,
-        )
+        return inprocess.message(self.models, kind, chunk, outputs, job_id, self.device.type)
 
     def infer(
         self,
@@ -278,19 +262,19 @@ class Service:
         results = []
         with self.lock:
             (ref_out,) = self._forward(refs[None], False, spans, job_id, -1)
-            results.append(self._message("refs", -1, ref_out, False))
+            results.append(self._message(protocol.REFS_KIND, -1, ref_out, job_id))
             n_full = frames.shape[0] // per
             chunk = 0
             for first in range(0, n_full, batch):
                 k = min(batch, n_full - first)
                 x = frames[first * per : (first + k) * per].reshape(k, per, *frames.shape[1:])
                 for out in self._forward(x, True, spans, job_id, chunk):
-                    results.append(self._message("frames", chunk, out, True))
+                    results.append(self._message(protocol.FRAMES_KIND, chunk, out, job_id))
                     chunk += 1
             rest = frames[n_full * per :]
             if rest.shape[0]:
                 (out,) = self._forward(rest[None], True, spans, job_id, chunk)
-                results.append(self._message("frames", chunk, out, True))
+                results.append(self._message(protocol.FRAMES_KIND, chunk, out, job_id))
         return results
 
     # -- one request ----------------------------------------------------------------

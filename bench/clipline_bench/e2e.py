@@ -247,11 +247,10 @@ def _backend(requested: str, device_type: str) -> str:
 
 def _models(requested: str) -> tuple[list[str], list[str]]:
     from gpu_service import models as registry
+    from gpu_service.daemon import model_names
 
     known = set(registry.available())
-    wanted = [m.strip() for m in requested.split(",") if m.strip()]
-    if "features" not in wanted and "localizer" not in wanted:  # as the daemon builds them
-        wanted.insert(0, "features")
+    wanted = model_names(Settings(models=requested))  # as the daemon builds them
     return [m for m in wanted if m in known], [m for m in wanted if m not in known]
 
 

@@ -74,9 +74,9 @@ RATIO = 0.8
 #: jobs whose product features are kept (a job's frames follow its refs within seconds)
 CACHE_JOBS = 512
 
-STATUS_NO_REFS = 0.0
-STATUS_MATCHED = 1.0
-STATUS_REFS = 2.0
+STATUS_NO_REFS = protocol.LOCALIZER_NO_REFS
+STATUS_MATCHED = protocol.LOCALIZER_MATCHED
+STATUS_REFS = protocol.LOCALIZER_REFS
 
 
 # ---------------------------------------------------------------------------
