@@ -7,7 +7,8 @@
 #   clipline-operator run the kopf operator           (metrics 9402; override the command)
 #
 # Targets:
-#   runtime   (default) CUDA runtime + cuDNN, PyTorch with CUDA, ffmpeg
+#   runtime   (default) CUDA runtime + cuDNN, PyTorch with CUDA; ffmpeg (libx264, AAC)
+#             comes from the imageio-ffmpeg wheel, not from apt
 #   tensorrt  the same plus TensorRT for `--backend tensorrt`
 #
 #   docker build -t clipline:0.1.0 .
@@ -16,9 +17,13 @@
 # The base is pinned by tag: CUDA 12.8.1 with cuDNN on Ubuntu 24.04 (Python 3.12). The
 # PyTorch wheels come from the matching CUDA 12.8 index; their CUDA libraries need an
 # NVIDIA driver >= 570 on the node. Override both build arguments together.
+# Every other package is pinned by constraints.txt (the versions CI tests); torch, which
+# that file leaves out (its CPU and CUDA builds come from different indexes), by
+# TORCH_VERSION.
 
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG TORCH_VERSION=2.13.0
 
 # ---------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS base
@@ -34,7 +39,6 @@ ENV DEBIAN_FRONTEND=noninteractive \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         ca-certificates \
-        ffmpeg \
         python3 \
         python3-venv \
         tini \
@@ -43,25 +47,31 @@ RUN apt-get update \
 # ---------------------------------------------------------------------------------------
 FROM base AS builder
 ARG TORCH_INDEX_URL
+ARG TORCH_VERSION
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY clipline_core ./clipline_core
 COPY clipline ./clipline
 COPY workers ./workers
 COPY gpu_service ./gpu_service
 COPY operator ./operator
 COPY bench/clipline_bench ./bench/clipline_bench
-# One image serves every role (daemon, workers, API, operator): the extras of each.
-RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" "./[gpu,models,captions,operator]" \
+# One image serves every role (daemon, workers, API, operator): the extras of each. The
+# check at the end: the wheel's ffmpeg runs here and has libx264 and AAC.
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt \
+        "torch==${TORCH_VERSION}" "./[gpu,models,captions,operator,s3]" \
     && clipline --help >/dev/null \
-    && clipline-operator --help >/dev/null
+    && clipline-operator --help >/dev/null \
+    && python -c "from workers import ffmpeg; assert ffmpeg.find('bundled'), 'no bundled ffmpeg'"
 
 # ---------------------------------------------------------------------------------------
 FROM builder AS builder-tensorrt
 ARG TORCH_INDEX_URL
-RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" "./[tensorrt]" \
+ARG TORCH_VERSION
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt \
+        "torch==${TORCH_VERSION}" "./[tensorrt]" \
     && python -c "import tensorrt"
 
 # ---------------------------------------------------------------------------------------

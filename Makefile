@@ -16,11 +16,16 @@ SAMPLE_IMAGE ?= $(MEDIA)/fruits.jpg
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exact versions from constraints.txt (scripts/update-constraints.py writes it); torch,
+# which it leaves out, at TORCH_VERSION from the default index (the Dockerfile names the
+# CUDA one).
+TORCH_VERSION ?= 2.13.0
+
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: install

@@ -10,6 +10,9 @@
 
 ``submit`` always sends an ``Idempotency-Key`` (a fresh one unless given), so it can
 retry by itself on connection errors, 429 and 503 without ever creating two jobs.
+``list_jobs`` reads one page of the tenant's jobs (newest first) and ``iter_jobs`` every
+page; ``get(id, wait_s=N)`` and ``wait`` ask the server to hold the answer until the job
+ends (``Prefer: wait``) instead of polling.
 Errors answered by the API raise :class:`ApiError` with the status, the stable
 ``code`` and the message. :func:`verify_callback` checks a completion callback's
 signature (see ``docs/api.md``).
@@ -17,9 +20,12 @@ signature (see ``docs/api.md``).
 
 from __future__ import annotations
 
+import datetime
+import math
+import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,11 +35,32 @@ import httpx
 from clipline_core import constants, signing
 from clipline_core.errors import ApiError
 from clipline_core.job import TERMINAL, JobState
-from clipline_core.schema import CallbackEvent, JobAccepted, JobView
+from clipline_core.schema import CallbackEvent, JobAccepted, JobList, JobView
 
 __all__ = ["ApiError", "Client", "verify_callback"]
 
 _RETRY_STATUS = {429, 502, 503, 504}
+#: the longest single wait the client asks a server for (servers cap it themselves too)
+MAX_WAIT_S = 60
+#: a time filter of the listing: unix seconds, an aware datetime or an RFC 3339 string
+Instant = float | int | datetime.datetime | str
+
+
+def _instant(value: Instant | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            raise ValueError("a datetime filter needs a timezone (datetime.timezone.utc, ...)")
+        return value.isoformat()
+    return f"{float(value):.6f}".rstrip("0").rstrip(".")
+
+
+def _states(state: str | JobState | Iterable[str | JobState] | None) -> str | None:
+    if state is None:
+        return None
+    items = [state] if isinstance(state, str) else list(state)
+    return ",".join(JobState(s).value for s in items) or None
 
 
 def _error(resp: httpx.Response) -> ApiError:
@@ -69,6 +96,7 @@ class Client:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
+        self.timeout_s = timeout_s
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": "clipline-client/1"},
@@ -123,8 +151,13 @@ class Client:
         callback_url: str | None = None,
         upload_url: str | None = None,
         idempotency_key: str | None = None,
+        metadata: dict[str, str | int | float | bool | None] | None = None,
     ) -> JobAccepted:
-        """Enqueue a job; the same ``idempotency_key`` and body return the same job."""
+        """Enqueue a job; the same ``idempotency_key`` and body return the same job.
+
+        ``metadata`` (JSON scalars under string keys; see ``docs/api.md`` for its limits)
+        is stored with the job and comes back in its document and its callback.
+        """
         body: dict[str, Any] = {
             "video_url": video_url,
             "image_urls": list(image_urls),
@@ -137,6 +170,8 @@ class Client:
             body["callback_url"] = callback_url
         if upload_url is not None:
             body["upload_url"] = upload_url
+        if metadata:
+            body["metadata"] = dict(metadata)
         key = idempotency_key or uuid.uuid4().hex
         resp = self._request(
             "POST",
@@ -147,9 +182,65 @@ class Client:
         )
         return JobAccepted.model_validate_json(resp.content)
 
-    def get(self, job_id: str) -> JobView:
-        resp = self._request("GET", f"{constants.API_PREFIX}/jobs/{job_id}", retry=True)
-        return JobView.model_validate_json(resp.content)
+    def get(self, job_id: str, *, wait_s: float | None = None) -> JobView:
+        """The job's document; with ``wait_s`` (whole seconds, at least 1), once it is
+        terminal or that time passed (``Prefer: wait``, at most :data:`MAX_WAIT_S` and the
+        server's own cap)."""
+        return self._get(job_id, wait_s)[0]
+
+    def _get(self, job_id: str, wait_s: float | None) -> tuple[JobView, bool]:
+        """The job, and whether the server applied the wait asked for."""
+        kwargs: dict[str, Any] = {}
+        if wait_s is not None and wait_s >= 1:
+            seconds = min(MAX_WAIT_S, math.floor(wait_s))
+            kwargs["headers"] = {constants.HEADER_PREFER: f"wait={seconds}"}
+            kwargs["timeout"] = self.timeout_s + seconds
+        resp = self._request("GET", f"{constants.API_PREFIX}/jobs/{job_id}", retry=True, **kwargs)
+        applied = constants.HEADER_PREFERENCE_APPLIED in resp.headers
+        return JobView.model_validate_json(resp.content), applied
+
+    def list_jobs(
+        self,
+        state: str | JobState | Iterable[str | JobState] | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+        created_after: Instant | None = None,
+        created_before: Instant | None = None,
+    ) -> tuple[list[JobView], str | None]:
+        """One page of the tenant's jobs, newest first, and the cursor of the next page
+        (None after the last). ``state`` is one state or several; the time filters are
+        exclusive bounds on ``created_at``. A page may be short (even empty) before the
+        last when filters skip many jobs: go on while the cursor is not None."""
+        params: dict[str, Any] = {"limit": limit}
+        for name, value in (
+            ("state", _states(state)),
+            ("cursor", cursor),
+            ("created_after", _instant(created_after)),
+            ("created_before", _instant(created_before)),
+        ):
+            if value is not None:
+                params[name] = value
+        resp = self._request("GET", f"{constants.API_PREFIX}/jobs", retry=True, params=params)
+        page = JobList.model_validate_json(resp.content)
+        return page.jobs, page.next_cursor
+
+    def iter_jobs(
+        self,
+        state: str | JobState | Iterable[str | JobState] | None = None,
+        created_after: Instant | None = None,
+        created_before: Instant | None = None,
+        *,
+        page_size: int = 100,
+    ) -> Iterator[JobView]:
+        """Every job of the tenant that matches, newest first, page by page."""
+        cursor: str | None = None
+        while True:
+            jobs, cursor = self.list_jobs(
+                state, page_size, cursor, created_after=created_after, created_before=created_before
+            )
+            yield from jobs
+            if cursor is None:
+                return
 
     def cancel(self, job_id: str) -> JobView:
         """Cancel a job that has not finished (ApiError 409 if it has)."""
@@ -165,12 +256,21 @@ class Client:
         max_poll_s: float = 2.0,
         on_change: Callable[[JobView], None] | None = None,
     ) -> JobView:
-        """Poll until the job is terminal; ApiError ``timeout`` (status 0) after ``timeout_s``."""
+        """The job once it is terminal; ApiError ``timeout`` (status 0) after ``timeout_s``.
+
+        Without ``on_change`` the server holds each read until the job ends
+        (``Prefer: wait``, up to :data:`MAX_WAIT_S` a request); with it, or from a server
+        that does not wait, the job is polled (``poll_s`` growing to ``max_poll_s``) so
+        that ``on_change`` sees every state it is found in.
+        """
         deadline = time.monotonic() + timeout_s
         last: JobState | None = None
         delay = poll_s
+        long_poll = on_change is None
         while True:
-            job = self.get(job_id)
+            remaining = deadline - time.monotonic()
+            job, applied = self._get(job_id, remaining if long_poll else None)
+            long_poll = long_poll and applied
             if job.state != last:
                 last = job.state
                 delay = poll_s
@@ -181,28 +281,39 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ApiError(0, "timeout", f"job {job_id} is still {job.state.value}")
+            if long_poll and remaining >= 1:
+                continue  # the server waited: ask again at once
             time.sleep(min(delay, remaining))
             delay = min(max_poll_s, delay * 1.5)
 
     def download(self, job_id: str, dest: str | Path) -> Path:
-        """Stream the highlight clip to ``dest`` (a file, or a directory to put it in)."""
-        target = Path(dest)
+        """Stream the highlight clip to ``dest``; return the file written.
+
+        ``dest`` is a file name, or a directory to put ``<job id>.mp4`` in: one that
+        exists, or any path ending in ``/`` (created with its parents). The clip is
+        written to ``<name>.part`` and renamed when complete, so a failed download never
+        leaves a partial file under the final name.
+        """
+        as_dir = str(dest).endswith(("/", os.sep)) or Path(dest).is_dir()
+        target = Path(dest) / f"{job_id}.mp4" if as_dir else Path(dest)
         path = f"{constants.API_PREFIX}/jobs/{job_id}/highlight"
-        with self._http.stream("GET", path) as resp:
+        # An object store answers with a redirect to a presigned URL; httpx drops the
+        # Authorization header when it leaves the API's origin.
+        with self._http.stream("GET", path, follow_redirects=True) as resp:
             if not resp.is_success:
                 resp.read()
                 raise _error(resp)
-            if target.is_dir():
-                suffix = Path(httpx.URL(str(resp.url)).path).suffix
-                disposition = resp.headers.get("content-disposition", "")
-                if "filename=" in disposition:
-                    suffix = Path(disposition.rsplit("filename=", 1)[1].strip('"; ')).suffix
-                target = target / f"{job_id}{suffix or '.mp4'}"
+            if as_dir:
+                target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".part")
-            with open(tmp, "wb") as fh:
-                for block in resp.iter_bytes(1 << 20):
-                    fh.write(block)
-            tmp.replace(target)
+            try:
+                with open(tmp, "wb") as fh:
+                    for block in resp.iter_bytes(1 << 20):
+                        fh.write(block)
+                tmp.replace(target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         return target
 
 

@@ -1,15 +1,24 @@
-"""Grafana dashboards and Prometheus alert rules, generated as code.
+"""Grafana dashboards, Prometheus recording and alert rules, generated as code.
 
 Every PromQL expression here is built from :class:`clipline_core.constants.Metric` and the
 label-name constants, the same names the exporters register, so renaming a metric changes
 the generated files and the check in the test suite fails until they are regenerated.
 
+The dashboards are described by a small model of our own (:class:`Dashboard`,
+:class:`Row`, :class:`Panel`, :class:`Query`): which queries, units, thresholds and links.
+The preview (:mod:`clipline.preview`) and the tests read that model; :func:`dashboard_json`
+turns it into Grafana's dashboard JSON with the typed builders of grafana-foundation-sdk
+(pinned in the ``dev`` extra, builds for Grafana 11.6, schemaVersion 41), imported only
+there, so this module's PromQL and rules need nothing beyond the base install.
+
 The generated artefacts live in the Helm chart and are committed:
 
 * ``charts/clipline/dashboards/<uid>.json``: Grafana dashboards (one ConfigMap each,
   labelled for the Grafana sidecar);
-* ``charts/clipline/rules/clipline.rules.yaml``: a Prometheus rule file whose ``groups``
-  become the chart's ``PrometheusRule`` spec;
+* ``charts/clipline/rules/clipline.rules.yaml``: a Prometheus rule file (recording rules
+  for the SLIs, then the alerts, each with a ``runbook_url`` into ``docs/runbook.md``)
+  whose ``groups`` become the chart's ``PrometheusRule`` spec; its unit tests,
+  ``charts/clipline/rules/tests/*.yaml`` (``promtool test rules``), are written by hand;
 * the ``pipeline`` part of ``charts/clipline/values.schema.json``: the default ClipPipeline's
   values are validated with the CRD's own spec schema (read from the chart's ``crds/``),
   described by the ``# --`` comments of ``values.yaml``;
@@ -19,10 +28,14 @@ The generated artefacts live in the Helm chart and are committed:
 Regenerate them with ``python -m clipline.dashboards --write``; ``--check`` exits non-zero
 when the committed files differ from what this module generates.
 
-Dashboard expressions use three Grafana variables: ``$namespace`` and ``$node`` (both
-regular expressions, ``.*`` for "All") and ``$__rate_interval``. :func:`instantiate`
-replaces them with concrete values so the same expressions can be checked by ``promtool``
-and run against a real Prometheus.
+Dashboard expressions use four Grafana variables: ``$namespace``, ``$node`` and ``$gpu``
+(regular expressions, ``.*`` for "All"; node and GPU come from the ``up`` series of the
+GPU-daemon and worker targets, which exist on every node, GPU or not) and
+``$__rate_interval``. :func:`instantiate` replaces them with concrete values so the same
+expressions can be checked by ``promtool`` and run against a real Prometheus.
+
+Imports: ``clipline_core`` only (and grafana-foundation-sdk inside :func:`dashboard_json`);
+never the workers, the GPU service or the operator.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -47,15 +60,20 @@ from clipline_core.constants import (
     LABEL_CODE,
     LABEL_COMPONENT,
     LABEL_DIRECTION,
+    LABEL_GPU_METRIC,
     LABEL_MODEL,
     LABEL_NODE,
     LABEL_NODE_METRIC,
     LABEL_OUTCOME,
     LABEL_PRIORITY,
+    LABEL_PYTHON,
     LABEL_REASON,
+    LABEL_ROLE,
     LABEL_ROUTE,
     LABEL_STAGE,
+    LABEL_STATE,
     LABEL_STATUS,
+    LABEL_VERSION,
     PROJECT,
     Metric,
 )
@@ -79,6 +97,7 @@ def find_chart_dir() -> Path:
 CHART_DIR = find_chart_dir()
 DASHBOARD_DIR = CHART_DIR / "dashboards"
 RULES_FILE = CHART_DIR / "rules" / f"{PROJECT}.rules.yaml"
+RULE_TESTS_DIR = CHART_DIR / "rules" / "tests"
 VALUES_FILE = CHART_DIR / "values.yaml"
 VALUES_SCHEMA_FILE = CHART_DIR / "values.schema.json"
 CRD_FILE = CHART_DIR / "crds" / f"{CRD_PLURAL}.{CRD_GROUP}.yaml"
@@ -89,9 +108,11 @@ VALUES_END = "<!-- values:end -->"
 # fills itself: image, pull policy and secrets, service account, deployment, redis).
 PIPELINE_SPEC_FIELDS = ("models", "sharedMemory", "gpu", "workers", "autoscaling", "extraEnv")
 
-# Job statuses as they appear in the ``status`` label of ``clipline_jobs_total``.
+# Job statuses as they appear in the ``status`` label of ``clipline_jobs_total`` and
+# ``clipline_job_latency_seconds``.
 STATUS_SUCCEEDED = JobState.SUCCEEDED.value
 STATUS_FAILED = JobState.FAILED.value
+STATUS_FINISHED = f"{STATUS_SUCCEEDED}|{STATUS_FAILED}"  # cancelled jobs count for neither
 
 # Labels the scrape configuration adds (ServiceMonitor/PodMonitor relabeling in the chart,
 # static labels in a plain Prometheus): which clipline process a target is.
@@ -100,6 +121,9 @@ COMPONENT_GPU_DAEMON = "gpu-daemon"
 COMPONENT_WORKERS = "workers"
 COMPONENT_API = "api"
 COMPONENT_OPERATOR = "operator"
+#: the targets that run on every GPU node (one daemon per GPU, its workers)
+NODE_COMPONENTS = f"{COMPONENT_GPU_DAEMON}|{COMPONENT_WORKERS}"
+SERVICE_COMPONENTS = f"{COMPONENT_API}|{NODE_COMPONENTS}"
 
 # kube-state-metrics series giving the worker Deployments' actual replicas. The operator
 # labels each node's worker Deployment with the node (``clipline.dev/node``) and its
@@ -118,42 +142,85 @@ KSM_NODE_LABEL = ksm_label(LABEL_NODE)
 KSM_COMPONENT_LABEL = ksm_label(LABEL_COMPONENT)
 KSM_ALLOWLIST = f"deployments=[{LABEL_COMPONENT},{LABEL_NODE}]"
 
-# Alert thresholds.
-# Well below the default autoscaling target (0.95): the operator is failing to keep up.
-GPU_TARGET_RATIO = 0.8
-QUEUE_GROWING_MIN_DEPTH = 10
+# NVIDIA DCGM exporter series (dcgm-exporter, as the GPU operator deploys it). ``Hostname``
+# is the node name (the GPU operator sets it from the node), ``gpu`` the device index on
+# the node (not clipline's daemon index). MIG slices report no DCGM_FI_DEV_GPU_UTIL; the
+# daemon's own busy ratio is the signal there.
+DCGM_GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"  # percent
+DCGM_FB_USED = "DCGM_FI_DEV_FB_USED"  # MiB
+DCGM_POWER_USAGE = "DCGM_FI_DEV_POWER_USAGE"  # W
+DCGM_SM_CLOCK = "DCGM_FI_DEV_SM_CLOCK"  # MHz
+DCGM_SERIES = (DCGM_GPU_UTIL, DCGM_FB_USED, DCGM_POWER_USAGE, DCGM_SM_CLOCK)
+DCGM_HOSTNAME = "Hostname"
+
+# Targets and thresholds.
+#: the ClipPipeline's default ``autoscaling.targetGpuUtilization`` (the tests check it)
+GPU_TARGET_RATIO = 0.95
+#: well below the target: the operator is failing to keep the GPU fed
+GPU_ALERT_RATIO = 0.8
+BACKLOG_GROWING_MIN_JOBS = 10
 FAILURE_RATIO = 0.05
+FAILURE_WARN_RATIO = 0.01
+JOB_LATENCY_P95_ALERT_S = 300.0
+JOB_LATENCY_P95_WARN_S = 60.0
 SHM_EXHAUSTED_RATIO = 0.9
 SHM_RESERVE_WAIT_MEAN_S = 1.0
+
+# Where each alert's ``runbook_url`` points: ``docs/runbook.md`` of the project, one
+# heading per alert (``#<alert name in lower case>``, the anchor GitHub gives a heading).
+# The chart's ``monitoring.prometheusRule.runbookUrl`` replaces the part before ``#``.
+RUNBOOK_URL = "https://github.com/clipline/clipline/blob/main/docs/runbook.md"
+RUNBOOK_FILE = Path(__file__).resolve().parents[1] / "docs" / "runbook.md"
+
+
+def runbook_url(alert: str) -> str:
+    return f"{RUNBOOK_URL}#{alert.lower()}"
+
 
 # Grafana variables and the values that stand in for them outside Grafana.
 VAR_NAMESPACE = "$namespace"
 VAR_NODE = "$node"
+VAR_GPU = "$gpu"
 VAR_RATE = "$__rate_interval"
 DEFAULT_SUBSTITUTIONS: Mapping[str, str] = {
     VAR_RATE: "1m",
     VAR_NAMESPACE: ".*",
     VAR_NODE: ".*",
+    VAR_GPU: ".*",
 }
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-GRAFANA_SCHEMA_VERSION = 39
+GRAFANA_SCHEMA_VERSION = 41
+NODE = LABEL_NODE_METRIC
+GPU = LABEL_GPU_METRIC
+NS = "namespace"
 
 
 # ---------------------------------------------------------------------------
 # PromQL helpers.
 # ---------------------------------------------------------------------------
-def sel(metric: str, *, node: bool = False, match: Mapping[str, str] | None = None) -> str:
-    """A vector selector filtered by the dashboard's namespace (and node) variables.
+def sel(
+    metric: str,
+    *,
+    node: bool = False,
+    gpu: bool = False,
+    match: Mapping[str, str] | None = None,
+    namespace: bool = True,
+) -> str:
+    """A vector selector filtered by the dashboard's namespace, node and GPU variables.
 
-    ``match`` values starting with ``~`` become regex matchers.
+    ``match`` values starting with ``~`` become regex matchers, ``!`` negative ones.
     """
-    parts = [f'namespace=~"{VAR_NAMESPACE}"']
+    parts = [f'{NS}=~"{VAR_NAMESPACE}"'] if namespace else []
     if node:
-        parts.append(f'{LABEL_NODE_METRIC}=~"{VAR_NODE}"')
+        parts.append(f'{NODE}=~"{VAR_NODE}"')
+    if gpu:
+        parts.append(f'{GPU}=~"{VAR_GPU}"')
     for label, value in (match or {}).items():
         if value.startswith("~"):
             parts.append(f'{label}=~"{value[1:]}"')
+        elif value.startswith("!"):
+            parts.append(f'{label}!="{value[1:]}"')
         else:
             parts.append(f'{label}="{value}"')
     return f"{metric}{{{','.join(parts)}}}"
@@ -167,41 +234,98 @@ def rate(selector: str, window: str = VAR_RATE) -> str:
     return f"rate({selector}[{window}])"
 
 
-def quantile(q: float, metric: str, group: Sequence[str], *, node: bool = False) -> str:
+def quantile(
+    q: float,
+    metric: str,
+    group: Sequence[str],
+    *,
+    node: bool = False,
+    gpu: bool = False,
+    match: Mapping[str, str] | None = None,
+) -> str:
     """``histogram_quantile`` over the ``_bucket`` series of ``metric``."""
-    buckets = sel(f"{metric}_bucket", node=node)
+    buckets = sel(f"{metric}_bucket", node=node, gpu=gpu, match=match)
     return f"histogram_quantile({q}, sum {by(*group, 'le')} ({rate(buckets)}))"
 
 
-def mean(metric: str, group: Sequence[str], *, node: bool = False) -> str:
+def buckets(
+    metric: str,
+    *,
+    node: bool = False,
+    gpu: bool = False,
+    match: Mapping[str, str] | None = None,
+) -> str:
+    """Per-bucket rates of a histogram, for a heatmap (Grafana de-accumulates ``le``)."""
+    return f"sum {by('le')} ({rate(sel(f'{metric}_bucket', node=node, gpu=gpu, match=match))})"
+
+
+def mean(metric: str, group: Sequence[str], *, node: bool = False, gpu: bool = False) -> str:
     """Mean of a histogram or summary over the rate window: rate(sum)/rate(count)."""
     return (
-        f"sum {by(*group)} ({rate(sel(metric + '_sum', node=node))})"
-        f" / sum {by(*group)} ({rate(sel(metric + '_count', node=node))})"
+        f"sum {by(*group)} ({rate(sel(metric + '_sum', node=node, gpu=gpu))})"
+        f" / sum {by(*group)} ({rate(sel(metric + '_count', node=node, gpu=gpu))})"
     )
+
+
+def dcgm(metric: str, scale: str = "", agg: str = "avg") -> str:
+    """A DCGM exporter series per node and GPU, its ``Hostname`` copied into ``node``."""
+    inner = (
+        f'label_replace({metric}{{{DCGM_HOSTNAME}=~"{VAR_NODE}"}}, '
+        f'"{NODE}", "$1", "{DCGM_HOSTNAME}", "(.+)")'
+    )
+    return f"{agg} {by(NODE, GPU)} ({inner}){scale}"
+
+
+def up(component: str, *, namespace: bool = True, node: bool = False) -> str:
+    """``up`` of the targets of one clipline component (``a|b`` for several)."""
+    op = "=~" if "|" in component else "="
+    parts = [f'{NS}=~"{VAR_NAMESPACE}"'] if namespace else []
+    parts.append(f'{SCRAPE_LABEL_COMPONENT}{op}"{component}"')
+    if node:
+        parts.append(f'{NODE}=~"{VAR_NODE}"')
+    return f"up{{{','.join(parts)}}}"
 
 
 # ---------------------------------------------------------------------------
 # Dashboard model.
 # ---------------------------------------------------------------------------
+PanelKind = Literal["timeseries", "stat", "heatmap", "table"]
+QueryFormat = Literal["time_series", "heatmap", "table"]
+#: a threshold step: (lower bound, colour); the first step's bound is None (-infinity)
+Step = tuple[float | None, str]
+
+
 @dataclasses.dataclass(frozen=True)
 class Query:
     expr: str
     legend: str
+    format: QueryFormat = "time_series"
+    instant: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Panel:
-    """One time-series panel. ``main`` panels also appear in the PNG preview."""
+    """One panel. ``main`` panels also appear in the PNG preview.
+
+    ``thresholds`` colour a stat's value; on a time series with ``show_thresholds`` they
+    are drawn as dashed lines (the autoscaling target on the GPU panels). ``runbook``
+    names the alert whose runbook section the panel links to.
+    """
 
     title: str
     description: str
     queries: tuple[Query, ...]
     unit: str = "short"
+    kind: PanelKind = "timeseries"
     main: bool = False
+    min_value: float | None = 0
     max_value: float | None = None
     width: int = 12
+    height: int = 8
+    thresholds: tuple[Step, ...] = ()
+    show_thresholds: bool = False
     annotate_decisions: bool = False
+    runbook: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,50 +346,200 @@ class Dashboard:
             yield from row.panels
 
 
-NODE = LABEL_NODE_METRIC
+GREEN, ORANGE, RED, BLUE = "green", "orange", "red", "blue"
+GPU_STEPS: tuple[Step, ...] = ((None, RED), (GPU_ALERT_RATIO, ORANGE), (GPU_TARGET_RATIO, GREEN))
+ERROR_STEPS: tuple[Step, ...] = ((None, GREEN), (FAILURE_WARN_RATIO, ORANGE), (FAILURE_RATIO, RED))
+LATENCY_STEPS: tuple[Step, ...] = (
+    (None, GREEN),
+    (JOB_LATENCY_P95_WARN_S, ORANGE),
+    (JOB_LATENCY_P95_ALERT_S, RED),
+)
+BACKLOG_STEPS: tuple[Step, ...] = ((None, GREEN), (BACKLOG_GROWING_MIN_JOBS, ORANGE))
+DOWN_STEPS: tuple[Step, ...] = ((None, GREEN), (1, RED))
+NEUTRAL_STEPS: tuple[Step, ...] = ((None, BLUE),)
+
+
+def _stat(
+    title: str, description: str, expr: str, unit: str, steps: tuple[Step, ...], **kw: Any
+) -> Panel:
+    return Panel(
+        title,
+        description,
+        (Query(expr, title),),
+        unit=unit,
+        kind="stat",
+        main=True,
+        width=4,
+        height=5,
+        thresholds=steps,
+        **kw,
+    )
+
+
+FINISHED = {LABEL_STATUS: "~" + STATUS_FINISHED}
+
+OVERVIEW_ROW = Row(
+    "Service level",
+    (
+        _stat(
+            "GPU busy",
+            "Mean fraction of time the GPU daemons had a batch on the device (daemon-measured, "
+            f"so also on MIG slices and CPU devices), against the autoscaling target "
+            f"({GPU_TARGET_RATIO:.0%}, green) and the alert line ({GPU_ALERT_RATIO:.0%}). Low "
+            "with an empty backlog is demand, not a problem.",
+            f"avg ({sel(Metric.DEVICE_BUSY_RATIO, node=True, gpu=True)})",
+            "percentunit",
+            GPU_STEPS,
+            max_value=1,
+            runbook="ClipLineGpuUnderTargetWithBacklog",
+        ),
+        _stat(
+            "Jobs / min",
+            "Jobs that reached a terminal state per minute (succeeded, failed, cancelled).",
+            f"sum ({rate(sel(Metric.JOBS_TOTAL))}) * 60",
+            "short",
+            NEUTRAL_STEPS,
+        ),
+        _stat(
+            "p95 job latency",
+            "95th percentile of submit-to-done time of succeeded jobs, queueing included.",
+            quantile(0.95, Metric.JOB_LATENCY_SECONDS, (), match={LABEL_STATUS: STATUS_SUCCEEDED}),
+            "s",
+            LATENCY_STEPS,
+            runbook="ClipLineJobLatencyHigh",
+        ),
+        _stat(
+            "Error rate",
+            "Failed jobs over finished (succeeded + failed) jobs; cancelled jobs count for "
+            f"neither. The alert fires above {FAILURE_RATIO:.0%}.",
+            f"sum ({rate(sel(Metric.JOBS_TOTAL, match={LABEL_STATUS: STATUS_FAILED}))})"
+            f" / sum ({rate(sel(Metric.JOBS_TOTAL, match=FINISHED))})",
+            "percentunit",
+            ERROR_STEPS,
+            max_value=1,
+            runbook="ClipLineJobFailureRateHigh",
+        ),
+        _stat(
+            "Backlog",
+            "Jobs waiting in the queue, all priority classes.",
+            f"sum (max {by(LABEL_PRIORITY)} ({sel(Metric.BACKLOG_JOBS)}))",
+            "short",
+            BACKLOG_STEPS,
+            runbook="ClipLineBacklogGrowing",
+        ),
+        _stat(
+            "Targets down",
+            "Job API, GPU daemon and worker targets Prometheus cannot scrape right now.",
+            f"sum (1 - {up(SERVICE_COMPONENTS)})",
+            "short",
+            DOWN_STEPS,
+            runbook="ClipLineGpuDaemonDown",
+        ),
+    ),
+)
+
+
+def _per_gpu(metric: str) -> str:
+    return f"avg {by(NODE, GPU)} ({sel(metric, node=True, gpu=True)})"
+
 
 GPU_ROW = Row(
     "GPU",
     (
         Panel(
-            "GPU utilization per node",
-            "Fraction of time the GPU was executing kernels (NVML), averaged per node.",
-            (
-                Query(
-                    f"avg {by(NODE)} ({sel(Metric.GPU_UTILIZATION_RATIO, node=True)})",
-                    "{{node}}",
-                ),
-            ),
+            "Device busy per GPU",
+            "Fraction of wall time each GPU daemon had a batch in flight on its device, "
+            "against the autoscaling target (dashed). Scaling decisions are annotations.",
+            (Query(_per_gpu(Metric.DEVICE_BUSY_RATIO), "{{node}} gpu {{gpu}}"),),
             unit="percentunit",
             max_value=1,
             main=True,
+            thresholds=GPU_STEPS,
+            show_thresholds=True,
+            annotate_decisions=True,
         ),
         Panel(
-            "Device busy ratio per node",
-            "Fraction of wall time the GPU daemon had a batch in flight on the device.",
-            (
-                Query(
-                    f"avg {by(NODE)} ({sel(Metric.DEVICE_BUSY_RATIO, node=True)})",
-                    "{{node}}",
-                ),
-            ),
+            "GPU utilization per GPU (NVML)",
+            "Fraction of time the GPU executed kernels, as NVML reports it to the daemon "
+            "(absent on CPU devices and MIG slices).",
+            (Query(_per_gpu(Metric.GPU_UTILIZATION_RATIO), "{{node}} gpu {{gpu}}"),),
             unit="percentunit",
             max_value=1,
-            main=True,
+            thresholds=GPU_STEPS,
+            show_thresholds=True,
+        ),
+        Panel(
+            "GPU utilization (DCGM)",
+            "DCGM_FI_DEV_GPU_UTIL from NVIDIA's DCGM exporter, per node and device index.",
+            (Query(dcgm(DCGM_GPU_UTIL, " / 100"), "{{node}} GPU {{gpu}}"),),
+            unit="percentunit",
+            max_value=1,
+            width=6,
+            thresholds=GPU_STEPS,
+            show_thresholds=True,
+        ),
+        Panel(
+            "GPU memory used (DCGM)",
+            "Frame-buffer memory in use (DCGM_FI_DEV_FB_USED), per node and device index.",
+            (Query(dcgm(DCGM_FB_USED, " * 1048576", "max"), "{{node}} GPU {{gpu}}"),),
+            unit="bytes",
+            width=6,
+        ),
+        Panel(
+            "GPU power (DCGM)",
+            "Board power draw (DCGM_FI_DEV_POWER_USAGE), per node and device index.",
+            (Query(dcgm(DCGM_POWER_USAGE, "", "max"), "{{node}} GPU {{gpu}}"),),
+            unit="watt",
+            width=6,
+        ),
+        Panel(
+            "SM clock (DCGM)",
+            "Streaming-multiprocessor clock (DCGM_FI_DEV_SM_CLOCK): a drop under load means "
+            "power or thermal throttling.",
+            (Query(dcgm(DCGM_SM_CLOCK, " * 1000000"), "{{node}} GPU {{gpu}}"),),
+            unit="hertz",
+            width=6,
         ),
         Panel(
             "Batch size",
-            "Dynamic batch size the daemon formed: mean and p95 per node and model.",
+            "Dynamic batch size the daemons formed: mean and p95 per model.",
             (
                 Query(
-                    mean(Metric.BATCH_SIZE, (NODE, LABEL_MODEL), node=True),
+                    mean(Metric.BATCH_SIZE, (NODE, LABEL_MODEL), node=True, gpu=True),
                     "mean {{node}} {{model}}",
                 ),
                 Query(
-                    quantile(0.95, Metric.BATCH_SIZE, (NODE, LABEL_MODEL), node=True),
+                    quantile(0.95, Metric.BATCH_SIZE, (NODE, LABEL_MODEL), node=True, gpu=True),
                     "p95 {{node}} {{model}}",
                 ),
             ),
+            main=True,
+        ),
+        Panel(
+            "Items processed per second",
+            "Chunks the GPU daemons ran through the models per second, per node and model.",
+            (
+                Query(
+                    f"sum {by(NODE, LABEL_MODEL)} "
+                    f"({rate(sel(Metric.ITEMS_PROCESSED_TOTAL, node=True, gpu=True))})",
+                    "{{node}} {{model}}",
+                ),
+            ),
+            unit="ops",
+            main=True,
+        ),
+        Panel(
+            "Inference time per batch",
+            "Distribution of model execution time per batch (all models), over time.",
+            (
+                Query(
+                    buckets(Metric.INFERENCE_SECONDS, node=True, gpu=True),
+                    "{{le}}",
+                    format="heatmap",
+                ),
+            ),
+            unit="s",
+            kind="heatmap",
             main=True,
         ),
         Panel(
@@ -278,116 +552,166 @@ GPU_ROW = Row(
                         Metric.INFERENCE_SECONDS,
                         (NODE, LABEL_MODEL, LABEL_BACKEND),
                         node=True,
+                        gpu=True,
                     ),
                     "{{node}} {{model}} {{backend}}",
                 ),
             ),
             unit="s",
         ),
+        Panel(
+            "Arena wait (p95)",
+            "Time a chunk waited in the shared-memory arena before its batch started.",
+            (
+                Query(
+                    quantile(0.95, Metric.ARENA_WAIT_SECONDS, (NODE,), node=True, gpu=True),
+                    "{{node}}",
+                ),
+            ),
+            unit="s",
+        ),
+        Panel(
+            "Shared-memory slots in use",
+            "Arena slots holding frames not yet copied to the device, against the arena size.",
+            (
+                Query(
+                    f"max {by(NODE, GPU)} ({sel(Metric.SHM_SLOTS_IN_USE, node=True, gpu=True)})",
+                    "in use {{node}} gpu {{gpu}}",
+                ),
+                Query(
+                    f"max {by(NODE, GPU)} ({sel(Metric.SHM_SLOTS_TOTAL, node=True, gpu=True)})",
+                    "total {{node}} gpu {{gpu}}",
+                ),
+            ),
+            main=True,
+            runbook="ClipLineSharedMemoryExhausted",
+        ),
     ),
 )
 
-THROUGHPUT_ROW = Row(
-    "Throughput and latency",
+JOBS_ROW = Row(
+    "Jobs",
     (
         Panel(
             "Jobs per minute",
-            "Finished jobs per minute by final status.",
+            "Jobs that reached a terminal state per minute, by status.",
             (
                 Query(
                     f"sum {by(LABEL_STATUS)} ({rate(sel(Metric.JOBS_TOTAL))}) * 60",
                     "{{status}}",
                 ),
             ),
-            unit="short",
             main=True,
         ),
         Panel(
-            "Items processed per second",
-            "Chunks the GPU daemons ran through the models per second, per node.",
+            "Job latency",
+            "Distribution of submit-to-done time of succeeded jobs, over time.",
             (
                 Query(
-                    f"sum {by(NODE)} ({rate(sel(Metric.ITEMS_PROCESSED_TOTAL, node=True))})",
-                    "{{node}}",
+                    buckets(Metric.JOB_LATENCY_SECONDS, match={LABEL_STATUS: STATUS_SUCCEEDED}),
+                    "{{le}}",
+                    format="heatmap",
                 ),
             ),
-            unit="ops",
+            unit="s",
+            kind="heatmap",
             main=True,
+        ),
+        Panel(
+            "Job latency p50 / p95 per priority class",
+            "Submit-to-done time of succeeded jobs by priority class, against the alert line.",
+            (
+                Query(
+                    quantile(
+                        0.5,
+                        Metric.JOB_LATENCY_SECONDS,
+                        (LABEL_PRIORITY,),
+                        match={LABEL_STATUS: STATUS_SUCCEEDED},
+                    ),
+                    "p50 {{priority}}",
+                ),
+                Query(
+                    quantile(
+                        0.95,
+                        Metric.JOB_LATENCY_SECONDS,
+                        (LABEL_PRIORITY,),
+                        match={LABEL_STATUS: STATUS_SUCCEEDED},
+                    ),
+                    "p95 {{priority}}",
+                ),
+            ),
+            unit="s",
+            thresholds=((None, GREEN), (JOB_LATENCY_P95_ALERT_S, RED)),
+            show_thresholds=True,
+            runbook="ClipLineJobLatencyHigh",
+        ),
+        Panel(
+            "Failures by error code",
+            "Failed jobs per minute by stable error code (cancellations count as `cancelled`); "
+            "codes that did not occur are left out.",
+            (
+                Query(
+                    f"sum {by(LABEL_CODE)} ({rate(sel(Metric.JOB_FAILURES_TOTAL))}) * 60 > 0",
+                    "{{code}}",
+                ),
+            ),
+            main=True,
+            runbook="ClipLineJobFailureRateHigh",
         ),
         Panel(
             "Stage latency p50 / p95",
             "Time per job stage (fetch, decode, inference, render).",
             (
-                Query(quantile(0.5, Metric.STAGE_SECONDS, (LABEL_STAGE,)), "p50 {{stage}}"),
-                Query(quantile(0.95, Metric.STAGE_SECONDS, (LABEL_STAGE,)), "p95 {{stage}}"),
+                Query(
+                    quantile(0.5, Metric.STAGE_SECONDS, (LABEL_STAGE,), node=True, gpu=True),
+                    "p50 {{stage}}",
+                ),
+                Query(
+                    quantile(0.95, Metric.STAGE_SECONDS, (LABEL_STAGE,), node=True, gpu=True),
+                    "p95 {{stage}}",
+                ),
             ),
             unit="s",
             main=True,
         ),
         Panel(
-            "Failures by error code",
-            "Failed jobs per minute by stable error code.",
-            (
-                Query(
-                    f"sum {by(LABEL_CODE)} "
-                    f"({rate(sel(Metric.JOBS_TOTAL, match={LABEL_STATUS: STATUS_FAILED}))}) * 60",
-                    "{{code}}",
-                ),
-            ),
-            main=True,
-        ),
-        Panel(
-            "GPU queue wait (p95)",
-            "Time a chunk waited in the daemon before its batch started.",
-            (
-                Query(
-                    quantile(0.95, Metric.QUEUE_WAIT_SECONDS, (NODE,), node=True),
-                    "{{node}}",
-                ),
-            ),
-            unit="s",
+            "Jobs by state",
+            "Jobs not yet ended, per state of the state machine, as the job API counts them.",
+            (Query(f"max {by(LABEL_STATE)} ({sel(Metric.JOBS_BY_STATE)})", "{{state}}"),),
         ),
         Panel(
             "Jobs in flight",
-            "Jobs a worker is processing right now.",
-            (Query(f"sum ({sel(Metric.JOBS_IN_FLIGHT)})", "in flight"),),
+            "Jobs a worker is processing right now, per node.",
+            (
+                Query(
+                    f"sum {by(NODE)} ({sel(Metric.JOBS_IN_FLIGHT, node=True, gpu=True)})",
+                    "{{node}}",
+                ),
+            ),
         ),
     ),
 )
 
-QUEUE_ROW = Row(
-    "Queue, shared memory and scaling",
+SCALING_ROW = Row(
+    "Backlog and scaling",
     (
         Panel(
-            "Queue depth per priority class",
-            "Jobs waiting in the Redis queue, by priority class.",
+            "Backlog per priority class",
+            "Jobs waiting in the queue, by priority class. Scaling decisions are annotations.",
             (
                 Query(
-                    f"max {by(LABEL_PRIORITY)} ({sel(Metric.QUEUE_DEPTH)})",
+                    f"max {by(LABEL_PRIORITY)} ({sel(Metric.BACKLOG_JOBS)})",
                     "{{priority}}",
                 ),
             ),
             main=True,
-        ),
-        Panel(
-            "Shared-memory slots in use",
-            "Arena slots holding frames not yet copied to the GPU, against the arena size.",
-            (
-                Query(
-                    f"max {by(NODE)} ({sel(Metric.SHM_SLOTS_IN_USE, node=True)})",
-                    "in use {{node}}",
-                ),
-                Query(
-                    f"max {by(NODE)} ({sel(Metric.SHM_SLOTS_TOTAL, node=True)})",
-                    "total {{node}}",
-                ),
-            ),
-            main=True,
+            annotate_decisions=True,
+            runbook="ClipLineBacklogGrowing",
         ),
         Panel(
             "Workers desired vs actual per node",
-            "The operator's desired worker replicas per node against the Deployment's actual "
-            "replicas from kube-state-metrics; scaling decisions are shown as annotations.",
+            "The operator's desired worker replicas per node against the Deployments' actual "
+            "replicas from kube-state-metrics; scaling decisions are annotations.",
             (
                 Query(
                     f"max {by(NODE)} ({sel(Metric.AUTOSCALER_DESIRED_WORKERS, node=True)})",
@@ -395,8 +719,8 @@ QUEUE_ROW = Row(
                 ),
                 Query(
                     f"max {by(NODE)} (label_replace("
-                    f'{KSM_DEPLOYMENT_REPLICAS}{{namespace=~"{VAR_NAMESPACE}"}}'
-                    f" * on (namespace, deployment) group_left ({KSM_NODE_LABEL}) "
+                    f'{KSM_DEPLOYMENT_REPLICAS}{{{NS}=~"{VAR_NAMESPACE}"}}'
+                    f" * on ({NS}, deployment) group_left ({KSM_NODE_LABEL}) "
                     f'{KSM_DEPLOYMENT_LABELS}{{{KSM_COMPONENT_LABEL}="{COMPONENT_WORKERS}",'
                     f'{KSM_NODE_LABEL}=~"{VAR_NODE}"}}, '
                     f'"{NODE}", "$1", "{KSM_NODE_LABEL}", "(.+)"))',
@@ -405,10 +729,11 @@ QUEUE_ROW = Row(
             ),
             main=True,
             annotate_decisions=True,
+            runbook="ClipLineOperatorNotReconciling",
         ),
         Panel(
             "Operator scaling decisions",
-            "Scaling decisions per minute by direction and reason.",
+            "Autoscaling decisions per minute by direction and reason (holds included).",
             (
                 Query(
                     f"sum {by(LABEL_DIRECTION, LABEL_REASON)} "
@@ -417,16 +742,36 @@ QUEUE_ROW = Row(
                 ),
             ),
         ),
+        Panel(
+            "Targets up per component",
+            "Scraped targets answering, by component (the operator may run in another namespace).",
+            (
+                Query(
+                    f"sum {by(SCRAPE_LABEL_COMPONENT)} ({up(SERVICE_COMPONENTS)})",
+                    "{{component}}",
+                ),
+                Query(
+                    f"sum {by(SCRAPE_LABEL_COMPONENT)} ({up(COMPONENT_OPERATOR, namespace=False)})",
+                    "{{component}}",
+                ),
+            ),
+            runbook="ClipLineWorkersDown",
+        ),
     ),
 )
 
 HANDOFF_ROW = Row(
-    "Hand-off and API",
+    "Hand-off",
     (
         Panel(
             "Hand-off latency (p95)",
             "Time from a worker publishing a chunk to the daemon receiving it.",
-            (Query(quantile(0.95, Metric.HANDOFF_SECONDS, (NODE,), node=True), "{{node}}"),),
+            (
+                Query(
+                    quantile(0.95, Metric.HANDOFF_SECONDS, (NODE,), node=True, gpu=True),
+                    "{{node}}",
+                ),
+            ),
             unit="s",
         ),
         Panel(
@@ -434,7 +779,8 @@ HANDOFF_ROW = Row(
             "Bytes of frames handed to the daemon through shared memory per second.",
             (
                 Query(
-                    f"sum {by(NODE)} ({rate(sel(Metric.HANDOFF_BYTES_TOTAL, node=True))})",
+                    f"sum {by(NODE)} "
+                    f"({rate(sel(Metric.HANDOFF_BYTES_TOTAL, node=True, gpu=True))})",
                     "{{node}}",
                 ),
             ),
@@ -443,13 +789,25 @@ HANDOFF_ROW = Row(
         Panel(
             "Shared-memory reserve wait (mean)",
             "Mean time a worker waited for a free arena slot.",
-            (Query(mean(Metric.SHM_RESERVE_WAIT_SECONDS, (NODE,), node=True), "{{node}}"),),
+            (
+                Query(
+                    mean(Metric.SHM_RESERVE_WAIT_SECONDS, (NODE,), node=True, gpu=True),
+                    "{{node}}",
+                ),
+            ),
             unit="s",
+            runbook="ClipLineSharedMemoryReserveStalls",
         ),
         Panel(
             "Frames decoded per second",
-            "Sampled frames decoded by the CPU workers.",
-            (Query(f"sum ({rate(sel(Metric.FRAMES_DECODED_TOTAL))})", "frames/s"),),
+            "Sampled frames decoded by the CPU workers, per node.",
+            (
+                Query(
+                    f"sum {by(NODE)} "
+                    f"({rate(sel(Metric.FRAMES_DECODED_TOTAL, node=True, gpu=True))})",
+                    "{{node}}",
+                ),
+            ),
             unit="ops",
         ),
         Panel(
@@ -457,26 +815,22 @@ HANDOFF_ROW = Row(
             "Slots reclaimed from producers that died while writing (should stay at zero).",
             (
                 Query(
-                    f"sum {by(NODE)} ({rate(sel(Metric.SHM_SLOTS_RECLAIMED_TOTAL, node=True))})",
+                    f"sum {by(NODE)} "
+                    f"({rate(sel(Metric.SHM_SLOTS_RECLAIMED_TOTAL, node=True, gpu=True))})",
                     "{{node}}",
                 ),
             ),
             unit="ops",
         ),
-        Panel(
-            "Callbacks per second",
-            "Signed job callbacks delivered to backends.",
-            (
-                Query(
-                    f"sum {by(LABEL_OUTCOME)} ({rate(sel(Metric.CALLBACKS_TOTAL))})",
-                    "{{outcome}}",
-                ),
-            ),
-            unit="ops",
-        ),
+    ),
+)
+
+API_ROW = Row(
+    "Job API and callbacks",
+    (
         Panel(
             "API requests per second",
-            "HTTP requests to the job API.",
+            "HTTP requests to the job API by route and status.",
             (
                 Query(
                     f"sum {by(LABEL_ROUTE, LABEL_STATUS)} ({rate(sel(Metric.API_REQUESTS_TOTAL))})",
@@ -487,7 +841,7 @@ HANDOFF_ROW = Row(
         ),
         Panel(
             "API latency (p95)",
-            "Job API request latency.",
+            "Job API request latency by route.",
             (
                 Query(
                     quantile(0.95, Metric.API_REQUEST_SECONDS, (LABEL_ROUTE,)),
@@ -495,6 +849,33 @@ HANDOFF_ROW = Row(
                 ),
             ),
             unit="s",
+            runbook="ClipLineApiDown",
+        ),
+        Panel(
+            "Callbacks per second",
+            "Signed job callbacks delivered to backends, by outcome.",
+            (
+                Query(
+                    f"sum {by(LABEL_OUTCOME)} ({rate(sel(Metric.CALLBACKS_TOTAL))})",
+                    "{{outcome}}",
+                ),
+            ),
+            unit="ops",
+        ),
+        Panel(
+            "Running versions",
+            "clipline processes by role, version and Python version (a rollout in progress "
+            "shows two versions).",
+            (
+                Query(
+                    f"count {by(LABEL_ROLE, LABEL_VERSION, LABEL_PYTHON)} "
+                    f"({sel(Metric.BUILD_INFO)})",
+                    "",
+                    format="table",
+                    instant=True,
+                ),
+            ),
+            kind="table",
         ),
     ),
 )
@@ -502,164 +883,262 @@ HANDOFF_ROW = Row(
 OVERVIEW = Dashboard(
     uid="clipline-overview",
     title="clipline / overview",
-    description="GPU utilization, throughput, latency, queues and autoscaling of clipline.",
-    rows=(GPU_ROW, THROUGHPUT_ROW, QUEUE_ROW),
+    description="Service level, GPUs, jobs, backlog and autoscaling of clipline.",
+    rows=(OVERVIEW_ROW, GPU_ROW, JOBS_ROW, SCALING_ROW),
 )
 
 INTERNALS = Dashboard(
     uid="clipline-internals",
     title="clipline / hand-off and API",
-    description="Shared-memory hand-off between workers and the GPU daemon, and the job API.",
-    rows=(HANDOFF_ROW,),
+    description="Shared-memory hand-off between workers and the GPU daemon, the job API, "
+    "callbacks and the running versions.",
+    rows=(HANDOFF_ROW, API_ROW),
 )
 
 DASHBOARDS: tuple[Dashboard, ...] = (OVERVIEW, INTERNALS)
 
+#: the operator's scaling changes (holds left out), an annotation on the annotated panels
 DECISIONS_ANNOTATION_EXPR = (
     f"sum {by(LABEL_DIRECTION, LABEL_REASON)} "
-    f"(increase({sel(Metric.AUTOSCALER_DECISIONS_TOTAL)}[1m])) > 0"
+    f"(increase({sel(Metric.AUTOSCALER_DECISIONS_TOTAL, match={LABEL_DIRECTION: '~up|down'})}"
+    "[1m])) > 0"
 )
 
 
 # ---------------------------------------------------------------------------
-# Grafana JSON.
+# Grafana JSON (grafana-foundation-sdk builders).
 # ---------------------------------------------------------------------------
-def _query_variable(name: str, label: str, metric: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": DATASOURCE,
-        "query": {"query": f"label_values({metric}, {name})", "refId": f"{name}-values"},
-        "definition": f"label_values({metric}, {name})",
-        "refresh": 2,
-        "includeAll": True,
-        "allValue": ".*",
-        "multi": True,
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-        "sort": 1,
-    }
+def _layout(dashboard: Dashboard) -> list[tuple[Row, list[tuple[Panel, int, int]], int]]:
+    """Rows with their panels' (x, y) and each row header's y: panels flow left to right
+    and wrap at 24 columns; a line is as tall as its tallest panel."""
+    out = []
+    y = 0
+    for row in dashboard.rows:
+        row_y = y
+        y += 1
+        x, line_h, placed = 0, 0, []
+        for panel in row.panels:
+            if x + panel.width > 24:
+                x, y, line_h = 0, y + line_h, 0
+            placed.append((panel, x, y))
+            x += panel.width
+            line_h = max(line_h, panel.height)
+        y += line_h
+        out.append((row, placed, row_y))
+    return out
 
 
-def _panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
-    defaults: dict[str, Any] = {"unit": panel.unit, "min": 0, "custom": {"fillOpacity": 10}}
+def _sdk_panel(panel: Panel, panel_id: int, x: int, y: int) -> Any:
+    """The SDK builder of one panel."""
+    from grafana_foundation_sdk.builders import common as gc
+    from grafana_foundation_sdk.builders import dashboard as gd
+    from grafana_foundation_sdk.builders import heatmap, stat, table, timeseries
+    from grafana_foundation_sdk.builders import prometheus as gp
+    from grafana_foundation_sdk.models import common as cm
+    from grafana_foundation_sdk.models import dashboard as dm
+    from grafana_foundation_sdk.models import heatmap as hm
+    from grafana_foundation_sdk.models import prometheus as pm
+
+    ds = dm.DataSourceRef(type_val=DATASOURCE["type"], uid=DATASOURCE["uid"])
+    builder: Any
+    if panel.kind == "stat":
+        builder = (
+            stat.Panel()
+            .graph_mode(cm.BigValueGraphMode.AREA)
+            .color_mode(cm.BigValueColorMode.VALUE)
+            .text_mode(cm.BigValueTextMode.VALUE)
+            .reduce_options(gc.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        )
+    elif panel.kind == "heatmap":
+        builder = (
+            heatmap.Panel()
+            .calculate(False)
+            .color(
+                heatmap.HeatmapColorOptions()
+                .mode(hm.HeatmapColorMode.SCHEME)
+                .scheme("Oranges")
+                .scale(hm.HeatmapColorScale.EXPONENTIAL)
+                .exponent(0.5)
+                .steps(64)
+                .fill("dark-orange")
+            )
+            .y_axis(heatmap.YAxisConfig().unit(panel.unit))
+            .cell_gap(1)
+            .show_legend()
+        )
+    elif panel.kind == "table":
+        builder = table.Panel().with_transformation(
+            dm.DataTransformerConfig(
+                id_val="organize",
+                options={"excludeByName": {"Time": True}, "renameByName": {"Value": "processes"}},
+            )
+        )
+    else:
+        builder = (
+            timeseries.Panel()
+            .fill_opacity(10)
+            .legend(
+                gc.VizLegendOptions()
+                .display_mode(cm.LegendDisplayMode.LIST)
+                .placement(cm.LegendPlacement.BOTTOM)
+                .show_legend(True)
+            )
+            .tooltip(
+                gc.VizTooltipOptions()
+                .mode(cm.TooltipDisplayMode.MULTI)
+                .sort(cm.SortOrder.DESCENDING)
+            )
+        )
+        if panel.show_thresholds:
+            builder = builder.thresholds_style(
+                gc.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.DASHED)
+            )
+    builder = (
+        builder.id(panel_id)
+        .title(panel.title)
+        .description(panel.description)
+        .datasource(ds)
+        .grid_pos(dm.GridPos(h=panel.height, w=panel.width, x=x, y=y))
+    )
+    if panel.kind != "table":
+        builder = builder.unit(panel.unit)
+    if panel.min_value is not None and panel.kind in ("stat", "timeseries"):
+        builder = builder.min(panel.min_value)
     if panel.max_value is not None:
-        defaults["max"] = panel.max_value
-    return {
-        "id": panel_id,
-        "type": "timeseries",
-        "title": panel.title,
-        "description": panel.description,
-        "datasource": DATASOURCE,
-        "gridPos": {"h": 8, "w": panel.width, "x": x, "y": y},
-        "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {
-            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        },
-        "targets": [
-            {
-                "refId": chr(ord("A") + i),
-                "datasource": DATASOURCE,
-                "expr": q.expr,
-                "legendFormat": q.legend,
-                "range": True,
-            }
-            for i, q in enumerate(panel.queries)
-        ],
-    }
+        builder = builder.max(panel.max_value)
+    if panel.thresholds:
+        builder = builder.thresholds(
+            gd.ThresholdsConfig()
+            .mode(dm.ThresholdsMode.ABSOLUTE)
+            .steps([dm.Threshold(value=v, color=c) for v, c in panel.thresholds])
+        )
+    if panel.runbook:
+        builder = builder.links(
+            [
+                gd.DashboardLink(f"Runbook: {panel.runbook}")
+                .type(dm.DashboardLinkType.LINK)
+                .url(runbook_url(panel.runbook))
+                .target_blank(True)
+            ]
+        )
+    for i, query in enumerate(panel.queries):
+        target = (
+            gp.Dataquery()
+            .ref_id(chr(ord("A") + i))
+            .datasource(ds)
+            .expr(query.expr)
+            .legend_format(query.legend or "__auto")
+            .format(pm.PromQueryFormat(query.format))
+        )
+        target = target.instant() if query.instant else target.range()
+        builder = builder.with_target(target)
+    return builder
 
 
 def dashboard_json(dashboard: Dashboard) -> dict[str, Any]:
-    """The Grafana dashboard model (schema version 39) for ``dashboard``."""
-    panels: list[dict[str, Any]] = []
+    """The Grafana dashboard model (schema version 41) for ``dashboard``."""
+    from grafana_foundation_sdk.builders import dashboard as gd
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import dashboard as dm
+
+    ds = dm.DataSourceRef(type_val=DATASOURCE["type"], uid=DATASOURCE["uid"])
+    builder = (
+        gd.Dashboard(dashboard.title)
+        .uid(dashboard.uid)
+        .description(dashboard.description)
+        .tags([PROJECT])
+        .editable()
+        .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+        .refresh("30s")
+        .time("now-1h", "now")
+        .timezone("")
+        .link(
+            gd.DashboardLink("clipline dashboards")
+            .type(dm.DashboardLinkType.DASHBOARDS)
+            .tags([PROJECT])
+            .as_dropdown(False)
+            .include_vars(True)
+            .keep_time(True)
+        )
+        .link(
+            gd.DashboardLink("Runbook")
+            .type(dm.DashboardLinkType.LINK)
+            .url(RUNBOOK_URL)
+            .icon("doc")
+            .target_blank(True)
+        )
+        .with_variable(gd.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+    )
+    for name, label, query in (
+        ("namespace", "Namespace", f'up{{{SCRAPE_LABEL_COMPONENT}=~"{SERVICE_COMPONENTS}"}}'),
+        (NODE, "Node", up(NODE_COMPONENTS)),
+        (GPU, "GPU", up(COMPONENT_GPU_DAEMON, node=True)),
+    ):
+        definition = f"label_values({query}, {name})"
+        builder = builder.with_variable(
+            gd.QueryVariable(name)
+            .label(label)
+            .datasource(ds)
+            .query({"query": definition, "refId": f"{name}-values", "qryType": 1})
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .include_all(True)
+            .all_value(".*")
+            .multi(True)
+            .sort(dm.VariableSort.ALPHABETICAL_ASC)
+            .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"]))
+        )
     panel_id = 1
-    y = 0
     annotated: list[int] = []
-    for row in dashboard.rows:
-        panels.append(
-            {
-                "id": panel_id,
-                "type": "row",
-                "title": row.title,
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-                "panels": [],
-            }
+    for row, placed, row_y in _layout(dashboard):
+        builder = builder.with_row(
+            gd.Row(row.title).id(panel_id).grid_pos(dm.GridPos(h=1, w=24, x=0, y=row_y))
         )
         panel_id += 1
-        y += 1
-        x = 0
-        for panel in row.panels:
-            if x + panel.width > 24:
-                x = 0
-                y += 8
-            panels.append(_panel_json(panel, panel_id, x, y))
+        for panel, x, y in placed:
+            builder = builder.with_panel(_sdk_panel(panel, panel_id, x, y))
             if panel.annotate_decisions:
                 annotated.append(panel_id)
             panel_id += 1
-            x += panel.width
-        y += 8
-    annotations: list[dict[str, Any]] = [
-        {
-            "builtIn": 1,
-            "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-            "enable": True,
-            "hide": True,
-            "iconColor": "rgba(0, 211, 255, 1)",
-            "name": "Annotations & Alerts",
-            "type": "dashboard",
-        }
-    ]
+    builder = builder.annotation(
+        gd.AnnotationQuery()
+        .name("Annotations & Alerts")
+        .datasource(dm.DataSourceRef(type_val="grafana", uid="-- Grafana --"))
+        .enable(True)
+        .hide(True)
+        .icon_color("rgba(0, 211, 255, 1)")
+        .type("dashboard")
+        .built_in(1)
+    )
     if annotated:
-        annotations.append(
-            {
-                "name": "Operator scaling decisions",
-                "datasource": DATASOURCE,
-                "enable": True,
-                "iconColor": "orange",
-                "expr": DECISIONS_ANNOTATION_EXPR,
-                "step": "1m",
-                "titleFormat": "scale {{direction}}",
-                "textFormat": "{{reason}}",
-                "tagKeys": f"{LABEL_DIRECTION},{LABEL_REASON}",
-                "filter": {"exclude": False, "ids": annotated},
-            }
+        builder = builder.annotation(
+            gd.AnnotationQuery()
+            .name("Operator scaling decisions")
+            .datasource(ds)
+            .enable(True)
+            .icon_color("orange")
+            .expr(DECISIONS_ANNOTATION_EXPR)
+            .filter(gd.AnnotationPanelFilter().exclude(False).ids(annotated))
         )
-    return {
-        "uid": dashboard.uid,
-        "title": dashboard.title,
-        "description": dashboard.description,
-        "tags": [PROJECT],
-        "editable": True,
-        "graphTooltip": 1,
-        "refresh": "30s",
-        "schemaVersion": GRAFANA_SCHEMA_VERSION,
-        "time": {"from": "now-1h", "to": "now"},
-        "timezone": "",
-        "annotations": {"list": annotations},
-        "templating": {
-            "list": [
+    model: dict[str, Any] = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
+    # The Prometheus annotation's own fields, which the SDK's generic AnnotationQuery
+    # does not model.
+    for annotation in model["annotations"]["list"]:
+        if annotation.get("expr") == DECISIONS_ANNOTATION_EXPR:
+            annotation.update(
                 {
-                    "name": "datasource",
-                    "label": "Data source",
-                    "type": "datasource",
-                    "query": "prometheus",
-                    "current": {},
-                    "hide": 0,
-                },
-                _query_variable("namespace", "Namespace", Metric.JOBS_TOTAL),
-                _query_variable(NODE, "Node", Metric.GPU_UTILIZATION_RATIO),
-            ]
-        },
-        "panels": panels,
-    }
+                    "step": "1m",
+                    "titleFormat": "scale {{direction}}",
+                    "textFormat": "{{reason}}",
+                    "tagKeys": f"{LABEL_DIRECTION},{LABEL_REASON}",
+                }
+            )
+    return model
 
 
 def dashboard_expressions(dashboard: Dashboard) -> list[tuple[str, str]]:
     """``(name, expr)`` of every query of ``dashboard``, annotations included."""
     out = [
-        (f"{dashboard.uid}: {panel.title} [{q.legend}]", q.expr)
+        (f"{dashboard.uid}: {panel.title} [{q.legend or q.format}]", q.expr)
         for panel in dashboard.panels()
         for q in panel.queries
     ]
@@ -689,8 +1168,42 @@ def instantiate(expr: str, substitutions: Mapping[str, str] | None = None) -> st
 
 
 # ---------------------------------------------------------------------------
-# Alert rules.
+# Recording rules (the SLIs) and alerts.
 # ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Recording:
+    record: str
+    expr: str
+
+    def rule(self) -> dict[str, Any]:
+        return {"record": self.record, "expr": self.expr}
+
+
+REC_JOB_SUCCESS = "namespace:clipline_job_success:ratio_rate5m"
+REC_JOB_LATENCY_P95 = "namespace_priority:clipline_job_latency_seconds:p95_rate5m"
+REC_DEVICE_BUSY = "namespace_node_gpu:clipline_device_busy_ratio:avg"
+REC_GPU_UTILIZATION = "namespace_node_gpu:clipline_gpu_utilization_ratio:avg"
+REC_BACKLOG = "namespace_priority:clipline_backlog_jobs:max"
+
+RECORDINGS: tuple[Recording, ...] = (
+    # Succeeded over finished (succeeded + failed) jobs; NaN while none finish.
+    Recording(
+        REC_JOB_SUCCESS,
+        f'sum {by(NS)} (rate({Metric.JOBS_TOTAL}{{{LABEL_STATUS}="{STATUS_SUCCEEDED}"}}[5m]))'
+        f' / sum {by(NS)} (rate({Metric.JOBS_TOTAL}{{{LABEL_STATUS}=~"{STATUS_FINISHED}"}}[5m]))',
+    ),
+    Recording(
+        REC_JOB_LATENCY_P95,
+        f"histogram_quantile(0.95, sum {by(NS, LABEL_PRIORITY, 'le')} "
+        f'(rate({Metric.JOB_LATENCY_SECONDS}_bucket{{{LABEL_STATUS}="{STATUS_SUCCEEDED}"}}[5m])))',
+    ),
+    Recording(REC_DEVICE_BUSY, f"avg {by(NS, NODE, GPU)} ({Metric.DEVICE_BUSY_RATIO})"),
+    Recording(REC_GPU_UTILIZATION, f"avg {by(NS, NODE, GPU)} ({Metric.GPU_UTILIZATION_RATIO})"),
+    # Every worker exports the same queue lengths: the maximum, not the sum.
+    Recording(REC_BACKLOG, f"max {by(NS, LABEL_PRIORITY)} ({Metric.BACKLOG_JOBS})"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Alert:
     name: str
@@ -700,13 +1213,21 @@ class Alert:
     summary: str
     description: str
 
+    @property
+    def runbook_url(self) -> str:
+        return runbook_url(self.name)
+
     def rule(self) -> dict[str, Any]:
         return {
             "alert": self.name,
             "expr": self.expr,
             "for": self.for_,
             "labels": {"severity": self.severity},
-            "annotations": {"summary": self.summary, "description": self.description},
+            "annotations": {
+                "summary": self.summary,
+                "description": self.description,
+                "runbook_url": self.runbook_url,
+            },
         }
 
 
@@ -714,43 +1235,95 @@ def _up(component: str) -> str:
     return f'up{{{SCRAPE_LABEL_COMPONENT}="{component}"}}'
 
 
-NS = "namespace"
+# The pipelines the operator manages, by the pipeline's namespace (the operator's own
+# series carry the operator's namespace; ``pipeline`` is ``<namespace>/<name>``).
+_MANAGED = (
+    f"(sum {by(NS)} (label_replace({Metric.AUTOSCALER_DESIRED_WORKERS}, "
+    f'"{NS}", "$1", "pipeline", "([^/]+)/.*")) > 0)'
+)
+
+
+def _wanted_but_absent(component: str) -> str:
+    return f"{_MANAGED} unless on ({NS}) (count {by(NS)} ({_up(component)}))"
+
 
 ALERTS: tuple[Alert, ...] = (
     Alert(
         "ClipLineGpuUnderTargetWithBacklog",
-        f"(avg {by(NS, NODE)} ({Metric.GPU_UTILIZATION_RATIO}) < {GPU_TARGET_RATIO})"
-        f" and on ({NS}) (sum {by(NS)} ({Metric.QUEUE_DEPTH}) > 0)"
-        f" and on ({NS}) (sum {by(NS)} (deriv({Metric.QUEUE_DEPTH}[10m])) > 0)",
+        f"({REC_DEVICE_BUSY} < {GPU_ALERT_RATIO})"
+        f" and on ({NS}) (sum {by(NS)} ({REC_BACKLOG}) > 0)"
+        f" and on ({NS}) (sum {by(NS)} (deriv({REC_BACKLOG}[10m])) > 0)",
         "10m",
         "warning",
-        "GPU on {{ $labels.node }} is under target while the backlog grows",
-        "GPU utilization on node {{ $labels.node }} is {{ $value | humanizePercentage }} "
-        f"(target {GPU_TARGET_RATIO:.0%}) while jobs pile up in the queue. The CPU workers "
-        "cannot feed the GPU: check the operator's scaling decisions, worker CPU limits and "
-        "the node's allocatable CPU.",
+        "GPU {{ $labels.gpu }} on {{ $labels.node }} is under target while the backlog grows",
+        "The GPU daemon {{ $labels.gpu }} on node {{ $labels.node }} is busy "
+        "{{ $value | humanizePercentage }} of the time "
+        f"(autoscaling target {GPU_TARGET_RATIO:.0%}) while jobs pile up in the queue: the "
+        "CPU workers cannot feed it.",
     ),
     Alert(
-        "ClipLineQueueGrowing",
-        f"(sum {by(NS, LABEL_PRIORITY)} ({Metric.QUEUE_DEPTH}) > {QUEUE_GROWING_MIN_DEPTH})"
-        f" and (sum {by(NS, LABEL_PRIORITY)} (deriv({Metric.QUEUE_DEPTH}[15m])) > 0)",
+        "ClipLineBacklogGrowing",
+        f"({REC_BACKLOG} > {BACKLOG_GROWING_MIN_JOBS}) and (deriv({REC_BACKLOG}[15m]) > 0)",
         "15m",
         "warning",
-        "The {{ $labels.priority }} queue keeps growing",
-        "{{ $value }} jobs of priority class {{ $labels.priority }} are waiting and the queue "
+        "The {{ $labels.priority }} backlog keeps growing",
+        "{{ $value }} jobs of priority class {{ $labels.priority }} are waiting and the backlog "
         "has grown for 15 minutes: arrivals exceed what the cluster processes.",
     ),
     Alert(
         "ClipLineJobFailureRateHigh",
-        f'sum {by(NS)} (rate({Metric.JOBS_TOTAL}{{{LABEL_STATUS}="{STATUS_FAILED}"}}[10m]))'
-        f" / sum {by(NS)} (rate({Metric.JOBS_TOTAL}"
-        f'{{{LABEL_STATUS}=~"{STATUS_SUCCEEDED}|{STATUS_FAILED}"}}[10m]))'
-        f" > {FAILURE_RATIO}",
+        f"(1 - {REC_JOB_SUCCESS}) > {FAILURE_RATIO}",
         "10m",
         "critical",
         "More than {} of clipline jobs fail".format(f"{FAILURE_RATIO:.0%}"),
-        "{{ $value | humanizePercentage }} of finished jobs failed over the last 10 minutes. "
-        "The 'Failures by error code' panel shows which codes.",
+        "{{ $value | humanizePercentage }} of finished jobs failed over 5 minutes. The "
+        "'Failures by error code' panel shows which codes.",
+    ),
+    Alert(
+        "ClipLineJobLatencyHigh",
+        f"{REC_JOB_LATENCY_P95} > {JOB_LATENCY_P95_ALERT_S:g}",
+        "15m",
+        "warning",
+        "{{ $labels.priority }} jobs take too long",
+        "The 95th percentile of submit-to-done time of succeeded {{ $labels.priority }} jobs "
+        "is {{ $value | humanizeDuration }} "
+        f"(alert above {JOB_LATENCY_P95_ALERT_S:g} s).",
+    ),
+    Alert(
+        "ClipLineApiDown",
+        f"{_up(COMPONENT_API)} == 0",
+        "5m",
+        "critical",
+        "Job API {{ $labels.pod }} is down",
+        "Prometheus cannot scrape the job API target {{ $labels.instance }}: clients that "
+        "reach it get no answer.",
+    ),
+    Alert(
+        "ClipLineApiAbsent",
+        f"absent({_up(COMPONENT_API)})",
+        "15m",
+        "critical",
+        "No clipline job API is scraped",
+        "Prometheus has no job API target at all: the API is not running or its "
+        "ServiceMonitor does not match (the API down alert cannot fire either).",
+    ),
+    Alert(
+        "ClipLineWorkersDown",
+        f"{_up(COMPONENT_WORKERS)} == 0",
+        "10m",
+        "warning",
+        "Workers {{ $labels.pod }} on {{ $labels.node }} are down",
+        "Prometheus cannot scrape the worker target {{ $labels.instance }}: that GPU has "
+        "fewer feeders than the operator decided.",
+    ),
+    Alert(
+        "ClipLineWorkersAbsent",
+        _wanted_but_absent(COMPONENT_WORKERS),
+        "15m",
+        "critical",
+        "No clipline workers are scraped in {{ $labels.namespace }}",
+        "The operator wants {{ $value }} worker pods in {{ $labels.namespace }} but "
+        "Prometheus scrapes none: no job is processed, or the PodMonitor does not match.",
     ),
     Alert(
         "ClipLineGpuDaemonDown",
@@ -759,28 +1332,37 @@ ALERTS: tuple[Alert, ...] = (
         "critical",
         "GPU daemon {{ $labels.pod }} is down",
         "Prometheus cannot scrape the GPU daemon target {{ $labels.instance }}: no inference "
-        "runs on that node and its workers stall on the shared-memory arena.",
+        "runs on that GPU and its workers stall on the shared-memory arena.",
+    ),
+    Alert(
+        "ClipLineGpuDaemonAbsent",
+        _wanted_but_absent(COMPONENT_GPU_DAEMON),
+        "15m",
+        "critical",
+        "No GPU daemon is scraped in {{ $labels.namespace }}",
+        "The operator manages GPU nodes in {{ $labels.namespace }} but Prometheus scrapes no "
+        "GPU daemon there: the daemons are not running or the PodMonitor does not match.",
     ),
     Alert(
         "ClipLineSharedMemoryExhausted",
-        f"max {by(NS, NODE)} ({Metric.SHM_SLOTS_IN_USE})"
-        f" / max {by(NS, NODE)} ({Metric.SHM_SLOTS_TOTAL} > 0) > {SHM_EXHAUSTED_RATIO}",
+        f"max {by(NS, NODE, GPU)} ({Metric.SHM_SLOTS_IN_USE})"
+        f" / max {by(NS, NODE, GPU)} ({Metric.SHM_SLOTS_TOTAL} > 0) > {SHM_EXHAUSTED_RATIO}",
         "5m",
         "warning",
-        "Shared-memory arena on {{ $labels.node }} is nearly full",
-        "{{ $value | humanizePercentage }} of the arena slots on node {{ $labels.node }} are in "
-        "use: workers block waiting for slots. The GPU daemon is the bottleneck or slots leak.",
+        "Shared-memory arena of GPU {{ $labels.gpu }} on {{ $labels.node }} is nearly full",
+        "{{ $value | humanizePercentage }} of the arena slots of GPU {{ $labels.gpu }} on node "
+        "{{ $labels.node }} are in use: workers block waiting for slots.",
     ),
     Alert(
         "ClipLineSharedMemoryReserveStalls",
-        f"sum {by(NS, NODE)} (rate({Metric.SHM_RESERVE_WAIT_SECONDS}_sum[5m]))"
-        f" / sum {by(NS, NODE)} (rate({Metric.SHM_RESERVE_WAIT_SECONDS}_count[5m]))"
+        f"sum {by(NS, NODE, GPU)} (rate({Metric.SHM_RESERVE_WAIT_SECONDS}_sum[5m]))"
+        f" / sum {by(NS, NODE, GPU)} (rate({Metric.SHM_RESERVE_WAIT_SECONDS}_count[5m]))"
         f" > {SHM_RESERVE_WAIT_MEAN_S}",
         "10m",
         "warning",
-        "Workers on {{ $labels.node }} wait for shared-memory slots",
-        "Reserving an arena slot takes {{ $value | humanizeDuration }} on average on node "
-        "{{ $labels.node }}.",
+        "Workers of GPU {{ $labels.gpu }} on {{ $labels.node }} wait for shared-memory slots",
+        "Reserving an arena slot takes {{ $value | humanizeDuration }} on average for GPU "
+        "{{ $labels.gpu }} on node {{ $labels.node }}.",
     ),
     Alert(
         "ClipLineOperatorDown",
@@ -792,6 +1374,15 @@ ALERTS: tuple[Alert, ...] = (
         "not resized while it is down.",
     ),
     Alert(
+        "ClipLineOperatorAbsent",
+        f"absent({_up(COMPONENT_OPERATOR)})",
+        "15m",
+        "warning",
+        "No clipline operator is scraped",
+        "Prometheus has no operator target at all: workers are not autoscaled and new GPU "
+        "nodes get no daemon, or the operator's ServiceMonitor does not match.",
+    ),
+    Alert(
         "ClipLineOperatorNotReconciling",
         f"(max {by(NS)} ({_up(COMPONENT_OPERATOR)}) == 1)"
         f" and on ({NS}) (count {by(NS)} ({Metric.AUTOSCALER_DESIRED_WORKERS}) > 0)"
@@ -801,19 +1392,27 @@ ALERTS: tuple[Alert, ...] = (
         "critical",
         "The clipline operator in {{ $labels.namespace }} stopped reconciling",
         "The operator is up and manages GPU nodes but recorded no autoscaling decision "
-        "(not even 'hold') for 15 minutes: its reconcile loop is stuck or failing. Check its "
-        "logs and the ClipPipeline's status conditions.",
+        "(not even 'hold') for 15 minutes: its reconcile loop is stuck or failing.",
     ),
 )
 
 
 def rules_document() -> dict[str, Any]:
     """The Prometheus rule file (also the ``spec`` of the chart's PrometheusRule)."""
-    return {"groups": [{"name": f"{PROJECT}.alerts", "rules": [a.rule() for a in ALERTS]}]}
+    return {
+        "groups": [
+            {"name": f"{PROJECT}.sli", "rules": [r.rule() for r in RECORDINGS]},
+            {"name": f"{PROJECT}.alerts", "rules": [a.rule() for a in ALERTS]},
+        ]
+    }
 
 
 def alert_expressions() -> list[tuple[str, str]]:
     return [(a.name, a.expr) for a in ALERTS]
+
+
+def recording_expressions() -> list[tuple[str, str]]:
+    return [(r.record, r.expr) for r in RECORDINGS]
 
 
 # ---------------------------------------------------------------------------
@@ -1015,7 +1614,8 @@ def write_files() -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clipline.dashboards",
-        description="Generate clipline's Grafana dashboards, alert rules and values schema "
+        description="Generate clipline's Grafana dashboards, recording and alert rules and values "
+        "schema "
         f"into the chart at {CHART_DIR} (CLIPLINE_CHART_DIR overrides).",
     )
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -1036,7 +1636,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stale:
             print("run: python -m clipline.dashboards --write", file=sys.stderr)
         return 1 if stale else 0
-    for name, expr in [*all_dashboard_expressions(), *alert_expressions()]:
+    for name, expr in [
+        *all_dashboard_expressions(),
+        *recording_expressions(),
+        *alert_expressions(),
+    ]:
         print(f"{name}\n    {expr}")
     return 0
 

@@ -16,7 +16,6 @@ on media generated here, on any machine:
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -104,10 +103,17 @@ def make_footage(
 
 
 def add_tone(src: Path, dest: Path, seconds: float, freq: float = 440.0) -> Path:
-    """Mux a sine tone under ``src`` into ``dest`` with ffmpeg (video copied)."""
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise RuntimeError("ffmpeg is needed to add an audio track")
+    """Mux a sine tone under ``src`` into ``dest`` with ffmpeg (video copied).
+
+    The ffmpeg is the one clips are rendered with (``auto``: the imageio-ffmpeg wheel's,
+    else the system's).
+    """
+    from workers import ffmpeg as ffmpeg_tool
+
+    tool = ffmpeg_tool.find(ffmpeg_tool.AUTO)
+    if tool is None:
+        raise RuntimeError("ffmpeg is needed to add an audio track (pip install imageio-ffmpeg)")
+    ffmpeg = tool.path
     subprocess.run(
         [
             ffmpeg,

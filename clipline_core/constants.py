@@ -65,6 +65,14 @@ def queue_name(deployment: str) -> str:
     return f"{PROJECT}.{deployment}.jobs"
 
 
+def callbacks_queue_name(deployment: str) -> str:
+    """Celery queue that carries completion-callback deliveries for ``deployment``.
+
+    Consumed by the callback worker alone (a thread pool), never by the job workers.
+    """
+    return f"{PROJECT}.{deployment}.callbacks"
+
+
 CELERY_TASK_PROCESS_JOB: Final = "clipline.process_job"
 CELERY_TASK_DELIVER_CALLBACK: Final = "clipline.deliver_callback"
 
@@ -106,6 +114,11 @@ def idempotency_key(deployment: str, key_hash: str) -> str:
     return f"{redis_prefix(deployment)}:idem:{key_hash}"
 
 
+def tenant_jobs_key(deployment: str, tenant: str) -> str:
+    """Sorted set of a tenant's job ids scored by ``created_at`` (``GET /v1/jobs``)."""
+    return f"{redis_prefix(deployment)}:tenant:{tenant}:jobs"
+
+
 def rate_limit_key(deployment: str, api_key_id: str) -> str:
     """String holding an API key's rate-limit state (GCRA theoretical arrival time)."""
     return f"{redis_prefix(deployment)}:ratelimit:{api_key_id}"
@@ -123,6 +136,39 @@ def worker_heartbeat_key(deployment: str, node: str) -> str:
 def leases_key(deployment: str) -> str:
     """Sorted set of running jobs scored by lease expiry (the workers' lease sweeper)."""
     return f"{redis_prefix(deployment)}:leases"
+
+
+def held_key(deployment: str) -> str:
+    """Sorted set of queued jobs whose task message a worker process holds in memory (a
+    retry waiting on its countdown, a message not started yet), scored by when it is due."""
+    return f"{redis_prefix(deployment)}:held"
+
+
+def worker_alive_key(deployment: str, holder: str) -> str:
+    """String a worker's main process (``holder``: its ``host:pid:start``) keeps alive
+    with a short time-to-live; the messages of a holder whose key is gone are re-sent."""
+    return f"{redis_prefix(deployment)}:alive:{holder}"
+
+
+def callback_worker_heartbeat_key(deployment: str, node: str) -> str:
+    """Hash the callback worker keeps while it consumes the callbacks queue."""
+    return f"{redis_prefix(deployment)}:callback-worker:{node}"
+
+
+def callback_event_key(deployment: str, event_id: str) -> str:
+    """Hash of one callback event's delivery: state, attempts, the in-flight holder."""
+    return f"{redis_prefix(deployment)}:callback:{event_id}"
+
+
+def callback_host_key(deployment: str, host: str) -> str:
+    """Sorted set of deliveries in flight to one receiver host, scored by lease expiry."""
+    return f"{redis_prefix(deployment)}:callback-host:{host}"
+
+
+def job_stats_key(deployment: str) -> str:
+    """Hash of the deployment's job counters (created, ended by status, failures by code,
+    the latency histogram) that the job API exports (:mod:`clipline_core.job_metrics`)."""
+    return f"{redis_prefix(deployment)}:stats:jobs"
 
 
 # Where a Celery worker's pool children write their Prometheus samples (one folder per
@@ -163,6 +209,8 @@ LABEL_NAME: Final = "app.kubernetes.io/name"
 LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 LABEL_NODE: Final = f"{CRD_GROUP}/node"
+#: Pod label: which of its node's GPU daemons (0, 1, ...) a daemon or worker pod belongs to.
+LABEL_GPU: Final = f"{CRD_GROUP}/gpu"
 
 
 # ---------------------------------------------------------------------------
@@ -173,6 +221,8 @@ HEADER_IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 HEADER_SIGNATURE: Final = "Clipline-Signature"
 HEADER_EVENT_ID: Final = "Clipline-Event-Id"
 HEADER_IDEMPOTENT_REPLAYED: Final = "Idempotent-Replayed"
+HEADER_PREFER: Final = "Prefer"  # RFC 7240; the API honours ``wait=N``
+HEADER_PREFERENCE_APPLIED: Final = "Preference-Applied"
 # Completion-callback event types (the ``event`` field of a callback body).
 EVENT_JOB_SUCCEEDED: Final = "job.succeeded"
 EVENT_JOB_FAILED: Final = "job.failed"
@@ -207,7 +257,6 @@ class Metric:
     GPU_UTILIZATION_RATIO: Final = "clipline_gpu_utilization_ratio"
     DEVICE_BUSY_RATIO: Final = "clipline_device_busy_ratio"
     BATCH_SIZE: Final = "clipline_batch_size"
-    QUEUE_WAIT_SECONDS: Final = "clipline_queue_wait_seconds"
     INFERENCE_SECONDS: Final = "clipline_inference_seconds"
     ITEMS_PROCESSED_TOTAL: Final = "clipline_items_processed_total"
     SHM_SLOTS_IN_USE: Final = "clipline_shm_slots_in_use"
@@ -219,13 +268,25 @@ class Metric:
     JOBS_TOTAL: Final = "clipline_jobs_total"
     STAGE_SECONDS: Final = "clipline_stage_seconds"
     FRAMES_DECODED_TOTAL: Final = "clipline_frames_decoded_total"
-    QUEUE_DEPTH: Final = "clipline_queue_depth"
     JOBS_IN_FLIGHT: Final = "clipline_jobs_in_flight"
     AUTOSCALER_DESIRED_WORKERS: Final = "clipline_autoscaler_desired_workers"
     AUTOSCALER_DECISIONS_TOTAL: Final = "clipline_autoscaler_decisions_total"
     API_REQUESTS_TOTAL: Final = "clipline_api_requests_total"
     API_REQUEST_SECONDS: Final = "clipline_api_request_seconds"
     CALLBACKS_TOTAL: Final = "clipline_callbacks_total"
+    #: task messages waiting in the broker, by priority class (the workers export it)
+    BACKLOG_JOBS: Final = "clipline_backlog_jobs"
+    #: time a chunk waited in the shared-memory arena before its batch ran (the GPU daemon)
+    ARENA_WAIT_SECONDS: Final = "clipline_arena_wait_seconds"
+    #: submit-to-terminal latency of a job, by priority class and final status
+    JOB_LATENCY_SECONDS: Final = "clipline_job_latency_seconds"
+    #: failed and cancelled jobs by stable error code
+    JOB_FAILURES_TOTAL: Final = "clipline_job_failures_total"
+    #: jobs not yet ended, per state, right now (the job API exports it). Not
+    #: ``clipline_jobs``: that is the OpenMetrics family name of ``clipline_jobs_total``.
+    JOBS_BY_STATE: Final = "clipline_jobs_current"
+    #: 1, labelled with the version, the Python version and the process's role
+    BUILD_INFO: Final = "clipline_build_info"
 
 
 # Label names (bounded value sets).
@@ -236,8 +297,31 @@ LABEL_PRIORITY: Final = "priority"
 LABEL_MODEL: Final = "model"
 LABEL_BACKEND: Final = "backend"
 LABEL_NODE_METRIC: Final = "node"
+#: Series label (from the pod label :data:`LABEL_GPU`): the GPU daemon of the node.
+LABEL_GPU_METRIC: Final = "gpu"
 LABEL_DIRECTION: Final = "direction"
 LABEL_REASON: Final = "reason"
 LABEL_METHOD: Final = "method"
 LABEL_ROUTE: Final = "route"
 LABEL_OUTCOME: Final = "outcome"
+#: the job state of ``clipline_jobs_current`` (a :class:`clipline_core.job.JobState` value)
+LABEL_STATE: Final = "state"
+#: which clipline process exports ``clipline_build_info`` (api, workers, gpu-daemon, ...)
+LABEL_ROLE: Final = "role"
+LABEL_VERSION: Final = "version"
+LABEL_PYTHON: Final = "python"
+
+
+class MetricRole(enum.StrEnum):
+    """The kinds of clipline process that serve metrics (``role`` of ``clipline_build_info``).
+
+    Each metric has exactly one owner (:data:`clipline_core.metrics.OWNERS`), declared in
+    that role's registry and served by that role's processes only. The values are the
+    pods' ``app.kubernetes.io/component`` labels.
+    """
+
+    API = "api"
+    WORKERS = "workers"
+    GPU_DAEMON = "gpu-daemon"
+    CALLBACKS = "callbacks"
+    OPERATOR = "operator"

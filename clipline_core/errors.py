@@ -20,6 +20,9 @@ class ErrorCode(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     FORBIDDEN_SOURCE = "forbidden_source"
     FETCH_FAILED = "fetch_failed"
+    SOURCE_TIMEOUT = "source_timeout"  # a source stalled or missed the fetch deadline
+    SOURCE_TOO_SLOW = "source_too_slow"  # a source sent below the minimum transfer rate
+    SOURCE_TRUNCATED = "source_truncated"  # a source closed before its declared length
     NOT_FOUND = "not_found"
     TOO_LARGE = "too_large"
     EMPTY_FILE = "empty_file"
@@ -46,6 +49,7 @@ class ErrorCode(enum.StrEnum):
     NOT_READY = "not_ready"
     BODY_TOO_LARGE = "body_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    REQUEST_TIMEOUT = "request_timeout"  # the client sent its request too slowly (408)
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
 
@@ -65,6 +69,7 @@ REQUEST_CODES: frozenset[ErrorCode] = frozenset(
         ErrorCode.NOT_READY,
         ErrorCode.BODY_TOO_LARGE,
         ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode.REQUEST_TIMEOUT,
         ErrorCode.RATE_LIMITED,
         ErrorCode.UNAVAILABLE,
         ErrorCode.INTERNAL,
@@ -76,6 +81,9 @@ JOB_CODES: frozenset[ErrorCode] = frozenset(
         ErrorCode.INVALID_REQUEST,
         ErrorCode.FORBIDDEN_SOURCE,
         ErrorCode.FETCH_FAILED,
+        ErrorCode.SOURCE_TIMEOUT,
+        ErrorCode.SOURCE_TOO_SLOW,
+        ErrorCode.SOURCE_TRUNCATED,
         ErrorCode.NOT_FOUND,
         ErrorCode.TOO_LARGE,
         ErrorCode.EMPTY_FILE,
@@ -95,7 +103,10 @@ JOB_CODES: frozenset[ErrorCode] = frozenset(
     }
 )
 
-# Codes whose cause may go away by itself: the task retries with backoff first.
+# Codes whose cause may go away by itself: the task retries with backoff first. A
+# source that stalls, trickles or lies about its length (``source_*``) is not among
+# them: the fetch bounds such a source by its own deadline and retries what may be a
+# blip within it; another attempt of the job would only hold a worker as long again.
 TRANSIENT_CODES: frozenset[ErrorCode] = frozenset(
     {
         ErrorCode.FETCH_FAILED,

@@ -12,14 +12,48 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from clipline_core.constants import DEFAULT_PRIORITY, PriorityClass
 
 MAX_URL_LENGTH = 4096
 MAX_IMAGES = 8
+MAX_TITLE_LENGTH = 300
+MAX_DESCRIPTION_LENGTH = 5000
+MIN_DURATION_S = 0.5
+MAX_DURATION_S = 60.0
+
+#: No control character (NUL, CR, LF, ...): such a string names no file and no valid URL.
+SOURCE_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+#: A URL or local path of a job: 1-4096 characters matching :data:`SOURCE_PATTERN`. The
+#: constraints are part of the published schema, so the document says what is enforced.
+Source = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_URL_LENGTH, pattern=SOURCE_PATTERN),
+]
+
+#: Limits of a job's ``metadata``: keys, key length, a value's length serialised as
+#: compact JSON, and the whole object's size in UTF-8 bytes serialised the same way.
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_LENGTH = 64
+MAX_METADATA_VALUE_LENGTH = 512
+MAX_METADATA_BYTES = 4096
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY_LENGTH)]
+#: A JSON scalar: string (its quotes count towards the value limit), integer, finite
+#: number, boolean or null.
+MetadataValue = (
+    Annotated[str, StringConstraints(strict=True, max_length=MAX_METADATA_VALUE_LENGTH - 2)]
+    | Annotated[int, Field(strict=True)]
+    | Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    | Annotated[bool, Field(strict=True)]
+    | None
+)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
 class JobState(enum.StrEnum):
@@ -49,38 +83,67 @@ STAGES: tuple[str, ...] = ("fetch", "decode", "inference", "render")
 
 
 class JobSpec(BaseModel):
-    """A highlight request. Unknown fields are rejected."""
+    """A highlight request. Unknown fields are rejected; duration_s is a finite number."""
+
+    # Every limit lives here, in the model: the API validates with it and publishes its
+    # schema, so the two cannot differ. duration_s is strict: a JSON number only (no
+    # string, no boolean), and only a finite one.
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    video_url: str = Field(
-        ...,
-        min_length=1,
-        max_length=MAX_URL_LENGTH,
-        description="http(s) URL or allowed local path",
-    )
-    image_urls: list[str] = Field(
+    video_url: Source = Field(..., description="http(s) URL or allowed local path")
+    image_urls: list[Source] = Field(
         ..., min_length=1, max_length=MAX_IMAGES, description="product images (http(s) or local)"
     )
-    title: str = Field("", max_length=300)
-    description: str = Field("", max_length=5000)
-    duration_s: float = Field(5.0, ge=0.5, le=60.0, description="highlight length in seconds")
+    title: str = Field("", max_length=MAX_TITLE_LENGTH)
+    description: str = Field("", max_length=MAX_DESCRIPTION_LENGTH)
+    duration_s: float = Field(
+        5.0,
+        ge=MIN_DURATION_S,
+        le=MAX_DURATION_S,
+        strict=True,
+        allow_inf_nan=False,
+        description="highlight length in seconds",
+    )
     priority: PriorityClass = DEFAULT_PRIORITY
-    callback_url: str | None = Field(None, max_length=MAX_URL_LENGTH)
-    upload_url: str | None = Field(
-        None, max_length=MAX_URL_LENGTH, description="presigned HTTP PUT URL for the clip"
+    callback_url: Source | None = Field(None, description="URL to POST the signed outcome to")
+    upload_url: Source | None = Field(None, description="presigned HTTP PUT URL for the clip")
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(
+        None,
+        max_length=MAX_METADATA_KEYS,
+        description=(
+            "the caller's own data, stored with the job and returned as given in the job "
+            f"and its callback: at most {MAX_METADATA_KEYS} keys of 1-"
+            f"{MAX_METADATA_KEY_LENGTH} characters, each value a JSON scalar of at most "
+            f"{MAX_METADATA_VALUE_LENGTH} characters as compact JSON, the whole object at "
+            f"most {MAX_METADATA_BYTES} bytes as compact UTF-8 JSON"
+        ),
+        examples=[{"order_id": "A-1042", "sku": 31337, "campaign": None}],
     )
 
-    @field_validator("image_urls")
+    @field_validator("metadata")
     @classmethod
-    def _image_urls(cls, v: list[str]) -> list[str]:
-        for u in v:
-            if not u or len(u) > MAX_URL_LENGTH:
-                raise ValueError("each image URL must be 1-4096 characters")
-        return v
+    def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Serialised-size limits (the schema states them; JSON Schema cannot check them).
+
+        An empty object is no metadata (same job, same idempotency fingerprint).
+        """
+        if not value:
+            return None
+        for key, item in value.items():
+            if len(_compact(item)) > MAX_METADATA_VALUE_LENGTH:
+                raise ValueError(
+                    f"the value of {key!r} exceeds {MAX_METADATA_VALUE_LENGTH} characters as JSON"
+                )
+        if len(_compact(value).encode()) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata exceeds {MAX_METADATA_BYTES} bytes as JSON")
+        return value
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        if data.get("metadata") is None:
+            del data["metadata"]  # a spec without metadata keeps its fingerprint
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 class JobError(BaseModel):
@@ -113,13 +176,31 @@ class Highlight(BaseModel):
     start_s: float
     end_s: float
     score: float
-    path: str | None = None
-    url: str | None = None
+    path: str | None = None  # the clip's file, when the artifact store is a local directory
+    url: str | None = None  # where it was PUT (the job's upload_url without its query)
+    artifact: str | None = None  # its key in the artifact store (clipline_core.artifacts)
     caption: str | None = None
     codec: str | None = None
     audio: bool | None = None
     frames: int | None = None
     product: ProductEvidence | None = None
+
+
+class JobProgress(BaseModel):
+    """How far a running job has come: its worker writes this at most every ~0.5 s.
+
+    Stored as JSON in the job hash's ``progress`` field (:meth:`JobStore.set_progress
+    <clipline_core.store.JobStore.set_progress>`); shown by ``clipline`` and the API's
+    job document while the job runs.
+    """
+
+    stage: str = Field(description="the job's state when written: fetching, decoding, ...")
+    frames: int = Field(0, description="sampled frames decoded so far")
+    chunks_done: int = Field(0, description="chunks (frames and product images) scored so far")
+    chunks: int = Field(
+        0, description="chunks sent to the GPU daemon so far (the total once decoding ends)"
+    )
+    at: float = Field(0.0, description="unix time this was written")
 
 
 class Job(BaseModel):
@@ -137,6 +218,7 @@ class Job(BaseModel):
     highlight: Highlight | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     video: dict[str, Any] = Field(default_factory=dict)
+    progress: JobProgress | None = None
 
     @property
     def terminal(self) -> bool:

@@ -3,20 +3,121 @@
 The request body of ``POST /v1/jobs`` is :class:`clipline_core.job.JobSpec` itself (the
 workers' model, unknown fields rejected). This module holds what the API sends back:
 :class:`JobView` (the body of ``GET /v1/jobs/{id}``, also the ``job`` of a callback
-event), :class:`JobAccepted`, :class:`ErrorBody` and :class:`CallbackEvent`, plus
-:func:`job_view`, which turns a stored :class:`clipline_core.job.Job` into its view.
+event), :class:`JobList` (``GET /v1/jobs``), :class:`JobAccepted`, :class:`ErrorBody`
+(its ``code`` one of :data:`API_ERROR_CODES`) and :class:`CallbackEvent`, plus
+:func:`job_view`, which turns a stored :class:`clipline_core.job.Job` into its view. The
+``EXAMPLE_*`` documents are the examples of the published OpenAPI document (a test
+validates each against its schema).
 
-It imports only pydantic and the job model, so workers and clients can use it without
-the web framework.
+It imports only pydantic, the error codes and the job model, so workers and clients can
+use it without the web framework.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from clipline_core import constants
 from clipline_core.constants import PriorityClass
-from clipline_core.job import Job, JobState, ProductEvidence
+from clipline_core.errors import JOB_CODES, REQUEST_CODES, ErrorCode
+from clipline_core.job import ACTIVE, Job, JobProgress, JobState, MetadataValue, ProductEvidence
+
+#: every code an error answer's ``error.code`` may be (the enum of the published schema)
+API_ERROR_CODES: frozenset[ErrorCode] = REQUEST_CODES | JOB_CODES
+#: the ``event`` of a callback, per terminal state
+EVENT_FOR_STATE: dict[JobState, str] = {
+    JobState.SUCCEEDED: constants.EVENT_JOB_SUCCEEDED,
+    JobState.FAILED: constants.EVENT_JOB_FAILED,
+    JobState.CANCELLED: constants.EVENT_JOB_CANCELLED,
+}
+
+_ID = "3f2a9c4e8b7d41a6b0c5d2e1f4a7b8c9"
+_QUEUED_ID = "9b1c7e2d5a8f4c3b8e6d1a0f2c4b6d8e"
+
+
+def _links(job_id: str) -> dict[str, str]:
+    path = f"{constants.API_PREFIX}/jobs/{job_id}"
+    return {"self": path, "highlight": path + "/highlight"}
+
+
+EXAMPLE_JOB: dict[str, Any] = {
+    "id": _ID,
+    "state": "succeeded",
+    "priority": "high",
+    "title": "Blue kettle",
+    "duration_s": 5.0,
+    "callback": True,
+    "metadata": {"order_id": "A-1042", "sku": 31337},
+    "created_at": 1700000000.1,
+    "updated_at": 1700000004.2,
+    "started_at": 1700000000.2,
+    "finished_at": 1700000004.2,
+    "attempts": 1,
+    "timings": {
+        "queued_s": 0.1,
+        "fetch_s": 0.3,
+        "decode_s": 0.9,
+        "inference_s": 1.1,
+        "render_s": 0.8,
+        "total_s": 4.1,
+    },
+    "result": {
+        "start_s": 12.0,
+        "end_s": 17.0,
+        "score": 0.81,
+        "caption": None,
+        "codec": "h264",
+        "uploaded": False,
+        "url": None,
+        "download": _links(_ID)["highlight"],
+        "product": None,
+    },
+    "error": None,
+    "progress": None,
+    "links": _links(_ID),
+}
+EXAMPLE_QUEUED_JOB: dict[str, Any] = {
+    **EXAMPLE_JOB,
+    "id": _QUEUED_ID,
+    "state": "queued",
+    "callback": False,
+    "metadata": {},
+    "created_at": 1699999990.5,
+    "updated_at": 1699999990.5,
+    "started_at": None,
+    "finished_at": None,
+    "attempts": 0,
+    "timings": dict.fromkeys(EXAMPLE_JOB["timings"]),
+    "result": None,
+    "links": _links(_QUEUED_ID),
+}
+EXAMPLE_ACCEPTED: dict[str, Any] = {
+    "id": _ID,
+    "state": "queued",
+    "replayed": False,
+    "links": _links(_ID),
+}
+EXAMPLE_LIST: dict[str, Any] = {
+    "jobs": [EXAMPLE_JOB, EXAMPLE_QUEUED_JOB],
+    "next_cursor": "MTY5OTk5OTk5MC41OjliMWM3ZTJkNWE4ZjRjM2I4ZTZkMWEwZjJjNGI2ZDhl",
+}
+EXAMPLE_ERROR: dict[str, Any] = {
+    "error": {
+        "code": "invalid_request",
+        "message": "invalid request: duration_s: Input should be less than or equal to 60",
+        "details": [
+            {"loc": ["body", "duration_s"], "message": "Input should be less than or equal to 60"}
+        ],
+    }
+}
+EXAMPLE_EVENT: dict[str, Any] = {
+    "id": "evt_5d41402abc4b2a76b9719d911017c592",
+    "event": constants.EVENT_JOB_SUCCEEDED,
+    "created": 1700000004,
+    "job": EXAMPLE_JOB,
+}
 
 
 class ErrorDetail(BaseModel):
@@ -25,7 +126,10 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorInfo(BaseModel):
-    code: str = Field(description="stable machine-readable code (ErrorCode)")
+    code: ErrorCode = Field(
+        description="stable machine-readable code (clipline_core.errors.ErrorCode): "
+        "never renamed, only added to"
+    )
     message: str = Field(description="what went wrong, for a person")
     details: list[ErrorDetail] | None = None
     job_id: str | None = None
@@ -33,6 +137,8 @@ class ErrorInfo(BaseModel):
 
 class ErrorBody(BaseModel):
     """Every 4xx/5xx answer of the API has this body."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_ERROR]})
 
     error: ErrorInfo
 
@@ -81,7 +187,7 @@ class JobFailure(BaseModel):
 class JobView(BaseModel):
     """A job as the API shows it (``GET /v1/jobs/{id}`` and callback events)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_JOB]})
 
     id: str
     state: JobState
@@ -89,7 +195,10 @@ class JobView(BaseModel):
     title: str
     duration_s: float
     callback: bool = Field(description="a completion callback is registered")
-    created_at: float
+    metadata: dict[str, MetadataValue] = Field(
+        default_factory=dict, description="the metadata the job was submitted with ({}: none)"
+    )
+    created_at: float = Field(description="unix time the job was accepted")
     updated_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -97,11 +206,28 @@ class JobView(BaseModel):
     timings: JobTimings
     result: JobResult | None = None
     error: JobFailure | None = None
+    progress: JobProgress | None = Field(
+        None, description="how far the job has come, while a worker runs it (else null)"
+    )
     links: Links
 
 
+class JobList(BaseModel):
+    """A page of the tenant's jobs, newest first (``GET /v1/jobs``)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_LIST]})
+
+    jobs: list[JobView]
+    next_cursor: str | None = Field(
+        description="pass as cursor for the next page; null on the last page (a page may "
+        "hold fewer jobs than the limit, even none, before the last)"
+    )
+
+
 class JobAccepted(BaseModel):
-    """The answer to ``POST /v1/jobs`` (202)."""
+    """The answer to ``POST /v1/jobs`` while the job runs (202)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_ACCEPTED]})
 
     id: str
     state: JobState
@@ -114,17 +240,15 @@ class JobAccepted(BaseModel):
 class CallbackEvent(BaseModel):
     """The body POSTed to a job's callback URL when it reaches a terminal state."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_EVENT]})
+
     id: str = Field(description="event id; the same on every delivery attempt (deduplicate)")
-    event: str = Field(description="job.succeeded | job.failed | job.cancelled")
+    event: str = Field(
+        description="job.succeeded | job.failed | job.cancelled",
+        json_schema_extra={"enum": list(EVENT_FOR_STATE.values())},
+    )
     created: int = Field(description="unix time the event was created")
     job: JobView
-
-
-EVENT_FOR_STATE: dict[JobState, str] = {
-    JobState.SUCCEEDED: constants.EVENT_JOB_SUCCEEDED,
-    JobState.FAILED: constants.EVENT_JOB_FAILED,
-    JobState.CANCELLED: constants.EVENT_JOB_CANCELLED,
-}
 
 
 def job_path(job_id: str) -> str:
@@ -149,7 +273,7 @@ def job_view(job: Job) -> JobView:
             codec=h.codec,
             uploaded=bool(h.url),
             url=h.url,
-            download=job_path(job.id) + "/highlight" if h.path else None,
+            download=job_path(job.id) + "/highlight" if h.path or h.artifact else None,
             product=h.product,
         )
     return JobView(
@@ -159,6 +283,7 @@ def job_view(job: Job) -> JobView:
         title=job.spec.title,
         duration_s=job.spec.duration_s,
         callback=bool(job.spec.callback_url),
+        metadata=dict(job.spec.metadata or {}),
         created_at=job.created_at,
         updated_at=job.updated_at,
         started_at=job.started_at,
@@ -174,5 +299,6 @@ def job_view(job: Job) -> JobView:
         ),
         result=result,
         error=JobFailure(code=job.error.code, message=job.error.message) if job.error else None,
+        progress=job.progress if job.state in ACTIVE else None,
         links=links(job.id),
     )

@@ -34,7 +34,13 @@ class Settings:
     # Identity and connections.
     deployment: str = constants.DEFAULT_DEPLOYMENT
     node_name: str = "local"
+    # Which GPU daemon of the node (0, 1, ...): a node with N GPUs runs N daemons, each
+    # with its own arena (its own shm_dir) and its own workers, all with the same index.
+    gpu_index: int = 0
     redis_url: str = ""  # empty: the local stack starts an embedded server
+    # Address the metrics endpoints of the GPU daemon, workers and callback worker bind:
+    # loopback for the local stack; the chart and the operator set 0.0.0.0 in pods.
+    metrics_host: str = "127.0.0.1"
 
     # Shared-memory transport.
     shm_dir: str = constants.DEFAULT_SHM_DIR
@@ -81,12 +87,15 @@ class Settings:
     # thread of its own), OpenCV's default (one per core) when reading sequentially.
     decode_threads: int = 0
     job_lease_s: float = 30.0  # a job whose worker died is recovered about this long after
-    worker_metrics_port: int = 0
+    worker_metrics_port: int = 0  # 0: none (the job worker's, or the callback worker's)
     scratch_dir: str = ""  # empty: <state_dir>/scratch
     artifacts_dir: str = ""  # empty: <state_dir>/artifacts
     local_roots: str = ""  # os.pathsep-separated directories local paths may come from
     allow_private_networks: bool = False
     allow_loopback: bool = False
+    # comma-separated host names whose addresses may be private-network ones (a cluster
+    # Service the operator trusts); never loopback, link-local or metadata addresses
+    private_hosts: str = ""
     max_video_bytes: int = 512 * 1024 * 1024
     max_image_bytes: int = 20 * 1024 * 1024
     max_duration_s: float = 600.0
@@ -96,13 +105,30 @@ class Settings:
     fetch_connect_timeout_s: float = 5.0
     fetch_read_timeout_s: float = 30.0
     fetch_retries: int = 3
+    # Per source, one job attempt: connect, every retry and the whole body; 0: none.
+    fetch_deadline_s: float = 60.0
+    # A body slower than this over the last fetch_rate_window_s (measured from that long
+    # after the response headers) is refused: source_too_slow; 0: no minimum.
+    fetch_min_rate_bps: int = 64 * 1024
+    fetch_rate_window_s: float = 5.0
     job_soft_time_limit_s: float = 600.0
     job_time_limit_s: float = 660.0
     inference_timeout_s: float = 120.0
     max_attempts: int = 5
+    # Retries of a job after a transient error: Celery's retry_backoff (whole seconds, at
+    # least 1: the first retry's countdown; doubles), retry_backoff_max and retry_jitter
+    # (a countdown drawn from 0 to the backoff).
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 60.0
+    retry_jitter: bool = True
+    # A pool child whose resident memory passes this after a job is replaced (Celery's
+    # worker_max_memory_per_child); 0: never.
+    worker_max_memory_mb: int = 1536
     terminal_ttl_s: int = 7 * 24 * 3600
     visibility_timeout_s: int = 900
-    ffmpeg: str = "ffmpeg"  # path or name; empty disables ffmpeg (OpenCV VP9 fallback)
+    # auto (the imageio-ffmpeg wheel's static ffmpeg, else the PATH's), bundled, system,
+    # a path or name; empty disables ffmpeg (OpenCV VP9 fallback, no audio).
+    ffmpeg: str = "auto"
 
     # HTTP job API (``clipline api``).
     api_port: int = 0  # the local stack's API port (`clipline up`); 0: a free one
@@ -113,15 +139,48 @@ class Settings:
     api_rate_limit: float = 0.0  # requests per second per API key; 0: unlimited
     api_rate_burst: int = 0  # requests a key may send at once; 0: max(1, rate)
     api_max_body_bytes: int = 64 * 1024
+    # A client must send a request's headers within api_header_timeout_s (from its first
+    # byte, or from the connection's opening) and its whole body within
+    # api_body_timeout_s of the headers: 408 and the connection closed past either.
+    api_header_timeout_s: float = 10.0
+    api_body_timeout_s: float = 15.0
+    api_keep_alive_s: int = 30  # an idle keep-alive connection is closed after this
+    api_max_connections: int = 1024  # per API process; beyond it uvicorn answers 503
     api_allow_local_paths: bool = False  # accept local paths as job sources (local stack)
     api_access_log: bool = False
+    # ``Prefer: wait=N`` holds an answer until the job is terminal or N s passed, N at
+    # most api_max_wait_s; at most api_max_waiters requests per process wait at once
+    # (each holds a Redis pub/sub connection), beyond that the preference is ignored.
+    api_max_wait_s: int = 60
+    api_max_waiters: int = 256
+
+    # Where rendered clips are kept (:mod:`clipline_core.artifacts`): a local directory
+    # (``artifacts_dir``) or an S3-compatible bucket the workers and the API share.
+    artifact_store: str = "local"  # local | s3
+    artifact_ttl_s: int = 24 * 3600  # clips (and their succeeded jobs) expire; 0: keep
+    artifact_serve: str = "redirect"  # redirect (to a presigned URL) | stream; s3 only
+    artifact_url_ttl_s: int = 900  # lifetime of a presigned download URL
+    s3_bucket: str = ""
+    s3_prefix: str = ""  # key prefix inside the bucket; the deployment name follows it
+    s3_endpoint_url: str = ""  # empty: AWS (from s3_region); else e.g. http://minio:9000
+    s3_public_endpoint_url: str = ""  # endpoint presigned URLs name; empty: s3_endpoint_url
+    s3_region: str = ""  # empty: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    s3_access_key_id: str = ""  # empty: AWS_ACCESS_KEY_ID (or the pod's web identity)
+    s3_secret_access_key: str = ""  # empty: AWS_SECRET_ACCESS_KEY
+    s3_timeout_s: float = 60.0  # one request
+    s3_retry_timeout_s: float = 30.0  # how long a failing request is retried
 
     # Completion callbacks (signed HTTP POSTs on a job's terminal state).
     callback_secret: str = ""  # comma-separated: every secret signs (rotation)
-    callback_timeout_s: float = 10.0
+    callback_timeout_s: float = 10.0  # wait for the receiver's answer (first attempt)
+    # The wait of every attempt after one whose answer timed out (the receiver may have
+    # taken that event): a receiver answering within it gets the event once more at most.
+    callback_retry_timeout_s: float = 60.0
     callback_max_attempts: int = 10
     callback_backoff_s: float = 2.0  # first retry delay; doubles per attempt
     callback_backoff_max_s: float = 600.0
+    callback_concurrency: int = 8  # threads of one callback worker (deliveries at once)
+    callback_host_concurrency: int = 2  # deliveries in flight to one receiver host, at most
 
     # Local stack.
     state_dir: str = dataclasses.field(default_factory=_default_state_dir)
@@ -181,6 +240,14 @@ class Settings:
         return [Path(p).resolve() for p in self.local_roots.split(os.pathsep) if p]
 
     @property
+    def daemon_name(self) -> str:
+        """This node's GPU daemon as named in Redis (its heartbeat): the node's name for
+        GPU 0, ``<node>/gpu<index>`` for the node's other GPU daemons."""
+        if self.gpu_index == 0:
+            return self.node_name
+        return f"{self.node_name}/gpu{self.gpu_index}"
+
+    @property
     def arena_path(self) -> Path:
         return Path(self.shm_dir) / constants.shm_arena_name(self.deployment)
 
@@ -192,7 +259,14 @@ class Settings:
 #: The settings by section (one field in exactly one; ``tests`` check): what each part of
 #: the system reads. The environment names stay flat (``CLIPLINE_<FIELD>``).
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "identity": ("deployment", "node_name", "redis_url", "state_dir"),
+    "identity": (
+        "deployment",
+        "node_name",
+        "gpu_index",
+        "redis_url",
+        "metrics_host",
+        "state_dir",
+    ),
     "shm": (
         "shm_dir",
         "shm_slots",
@@ -239,6 +313,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "local_roots",
         "allow_private_networks",
         "allow_loopback",
+        "private_hosts",
         "max_video_bytes",
         "max_image_bytes",
         "max_duration_s",
@@ -248,10 +323,17 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "fetch_connect_timeout_s",
         "fetch_read_timeout_s",
         "fetch_retries",
+        "fetch_deadline_s",
+        "fetch_min_rate_bps",
+        "fetch_rate_window_s",
         "job_soft_time_limit_s",
         "job_time_limit_s",
         "inference_timeout_s",
         "max_attempts",
+        "retry_backoff_s",
+        "retry_backoff_max_s",
+        "retry_jitter",
+        "worker_max_memory_mb",
         "terminal_ttl_s",
         "visibility_timeout_s",
         "ffmpeg",
@@ -265,15 +347,39 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "api_rate_limit",
         "api_rate_burst",
         "api_max_body_bytes",
+        "api_header_timeout_s",
+        "api_body_timeout_s",
+        "api_keep_alive_s",
+        "api_max_connections",
         "api_allow_local_paths",
         "api_access_log",
+        "api_max_wait_s",
+        "api_max_waiters",
+    ),
+    "artifacts": (
+        "artifact_store",
+        "artifact_ttl_s",
+        "artifact_serve",
+        "artifact_url_ttl_s",
+        "s3_bucket",
+        "s3_prefix",
+        "s3_endpoint_url",
+        "s3_public_endpoint_url",
+        "s3_region",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "s3_timeout_s",
+        "s3_retry_timeout_s",
     ),
     "callbacks": (
         "callback_secret",
         "callback_timeout_s",
+        "callback_retry_timeout_s",
         "callback_max_attempts",
         "callback_backoff_s",
         "callback_backoff_max_s",
+        "callback_concurrency",
+        "callback_host_concurrency",
     ),
 }
 

@@ -13,6 +13,10 @@ decides whether to run a batch now and which items go into it:
   histogram or the motion to the previous frame are unchanged by that, and the padding
   is never sent back), so a video's last, partial chunk or a job's reference chunk
   does not run alone;
+* a job's video frames never run before its product reference images: while a job's
+  REFS chunk is still READY, that job's FRAMES chunks may neither head nor join a batch
+  (the localizer matches frames against the features its refs chunk leaves behind; a
+  frames batch led by another job would otherwise sweep them in first);
 * the batch runs when it is full, when any READY item has waited ``max_delay_s``
   since it was published (the delay bound), or when forced (draining);
 * descriptors the daemon cannot run at all (not ``uint8 [T, H, W, 3]``) are returned
@@ -127,7 +131,11 @@ class Batcher:
                 rejected.append((d, reason))
         if not valid:
             return Selection([], rejected) if rejected else None
-        head = valid[0]
+        waiting = {(d.job_id, d.generation) for d in valid if d.kind == ChunkKind.REFS}
+        runnable = [
+            d for d in valid if d.kind == ChunkKind.REFS or (d.job_id, d.generation) not in waiting
+        ]  # never empty: a job's waiting refs chunk is itself runnable
+        head = runnable[0]
         pad = self.pad_frames(head.kind)
         geo = geometry(head)
         if head.recoveries:
@@ -135,7 +143,7 @@ class Batcher:
         else:
             group = [
                 d
-                for d in valid
+                for d in runnable
                 if d.kind == head.kind
                 and not d.recoveries
                 and geometry(d) == geo

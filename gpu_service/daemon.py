@@ -20,10 +20,14 @@ the thin I/O wrapper around them:
   the heartbeat and no request is taken;
 * the main thread runs the engine loop; a housekeeping thread refreshes the Redis
   heartbeat (``constants.daemon_heartbeat_key``: device, models and their backends,
-  counters, cumulative busy seconds) and the gauges (``clipline_device_busy_ratio``,
-  and ``clipline_gpu_utilization_ratio`` from NVML on CUDA) every second; the metrics
-  endpoint (``/metrics``, ``/readyz``, ``/healthz``) runs on
-  ``Settings.daemon_metrics_port``;
+  counters, cumulative busy seconds, and ``boot``, an id new in every daemon process by
+  which workers waiting for results notice a restart, see
+  :meth:`gpu_service.client.GpuClient.collect`) and the gauges
+  (``clipline_device_busy_ratio``, and ``clipline_gpu_utilization_ratio`` from NVML on
+  CUDA) every second; the metrics
+  endpoint (``/metrics``: the GPU daemon's own metrics only, see
+  :mod:`clipline_core.metrics`; ``/readyz``, ``/healthz``) runs on
+  ``Settings.metrics_host``:``Settings.daemon_metrics_port``;
 * SIGTERM (or SIGINT) starts draining: no more waiting for fuller batches, every item
   in the arena (and every slot a producer is still writing, for a grace period) is
   processed and published, then the arena is unlinked and the process exits 0. A second
@@ -43,6 +47,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -275,7 +280,9 @@ class Daemon:
         self.device = resolve_device(settings.device)
         self.threads = configure_torch(settings, self.device)
         self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
-        self._hb_key = constants.daemon_heartbeat_key(settings.deployment, settings.node_name)
+        self._hb_key = constants.daemon_heartbeat_key(settings.deployment, settings.daemon_name)
+        #: this daemon process's id in the heartbeat (a restarted daemon has a new one)
+        self.boot = uuid.uuid4().hex
         self._stop = threading.Event()
         self._ready = False
         self._tick = time.monotonic()
@@ -287,7 +294,13 @@ class Daemon:
         if settings.daemon_metrics_port:
             from clipline_core import httpserve
 
-            self._http = httpserve.serve(settings.daemon_metrics_port, self.ready, live=self.live)
+            self._http = httpserve.serve(
+                m.exposition(m.GPU_DAEMON),
+                settings.daemon_metrics_port,
+                settings.metrics_host,
+                ready=self.ready,
+                live=self.live,
+            )
         self.models = (
             models
             if models is not None
@@ -398,6 +411,7 @@ class Daemon:
         now = time.monotonic()
         info: dict[str, str | int | float] = {
             "pid": os.getpid(),
+            "boot": self.boot,
             "device": str(self.device),
             "models": ",".join(
                 [f"{x.name}:{x.backend}:{int(x.trusted)}" for x in self.models]

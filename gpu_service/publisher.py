@@ -286,7 +286,7 @@ class ResultPublisher:
                 d = batch.items[i]
                 t = int(d.shape[0])
                 wait = max(0.0, batch.formed_at - d.published_at)
-                m.QUEUE_WAIT.observe(wait)
+                m.ARENA_WAIT.observe(wait)
                 msg = protocol.result_message(
                     job_id=d.job_id,
                     generation=d.generation,

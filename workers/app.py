@@ -1,12 +1,27 @@
-r"""The Celery application of the CPU workers (``celery -A workers.app worker``).
+r"""The Celery applications of the CPU workers and of the callback worker.
 
-Owns :func:`make_app` (the app for a given :class:`Settings`, built when called, never at
-import), :func:`worker_argv` (the one Celery worker command line) and the worker's
-signal handlers. The tasks (:mod:`workers.tasks`, :mod:`workers.callbacks`) are
-``shared_task``\ s that read their settings from the app that runs them, so nothing
-imports this module to reach "the" app. ``celery -A workers.app`` asks for the module's
-``app`` attribute, which is built from the environment on that first access. Must not
-import the tasks, the pipeline or the callbacks (they sit above it).
+Owns :func:`make_app` (the app for a given :class:`Settings` and role, built when called,
+never at import), :func:`worker_argv` and :func:`callback_worker_argv` (the two Celery
+worker command lines) and the workers' signal handlers. The tasks (:mod:`workers.tasks`,
+:mod:`workers.callbacks`) are ``shared_task``\ s that read their settings from the app
+that runs them, so nothing imports this module to reach "the" app. ``celery -A
+workers.app`` asks for the module's ``app`` attribute, which is built from the
+environment on that first access (``workers.app:callbacks_app`` likewise for the callback
+worker). Must not import the tasks, the pipeline or the callbacks (they sit above it).
+
+Two kinds of worker consume a deployment's two queues:
+
+* the job workers (:data:`ROLE_JOBS`, ``--pool prefork``, ``worker_concurrency``
+  children) consume :func:`clipline_core.constants.queue_name` and only that;
+* the callback worker (:data:`ROLE_CALLBACKS`, ``--pool threads``,
+  ``callback_concurrency`` threads: delivery is I/O bound) consumes
+  :func:`clipline_core.constants.callbacks_queue_name` and only that. It runs no job
+  housekeeping and imports no job task; it serves its metrics on
+  ``worker_metrics_port`` and announces itself under
+  :func:`clipline_core.constants.callback_worker_heartbeat_key`. The callback task is
+  routed to its queue (``task_routes``) whoever sends it. A receiver that answers
+  slowly, or never, holds a callback thread for at most its timeout, never a job
+  worker's child (:mod:`workers.callbacks`).
 
 Delivery semantics on the Redis transport, and why each setting is what it is:
 
@@ -20,7 +35,9 @@ Delivery semantics on the Redis transport, and why each setting is what it is:
 * ``worker_prefetch_multiplier=1`` so a child never hoards jobs others could start.
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only
   after the job ran; a killed pool child's message goes back to the queue at once.
-* ``visibility_timeout`` longer than the longest allowed job, and a short
+* ``visibility_timeout`` longer than the longest allowed job and than the longest a
+  callback retry waits for its countdown (``callback_backoff_max_s``) plus an attempt
+  (Kombu's unacked index is shared by both queues), and a short
   ``unacked_restore_interval`` so messages of a worker that died are restored soon:
   Kombu only scans for them every ``interval * throttle`` seconds (10 x 10 by default),
   so the throttle is 1. Kombu restores a message only once it is older than the
@@ -38,12 +55,40 @@ Delivery semantics on the Redis transport, and why each setting is what it is:
   ``OMP_NUM_THREADS=1`` and ``OMP_WAIT_POLICY=PASSIVE`` are set for any native library
   that would otherwise spin up a thread per core in every child.
 * Events are on (``worker_send_task_events``, ``task_send_sent_event``), so Flower
-  works as is. Metrics of all children are served by the main process
-  (:mod:`workers.monitor`).
+  and ``celery -A workers.app events`` work as is. Metrics of all children are served by
+  the main process (:mod:`workers.monitor`).
+* Every message of a job has the job's id as its Celery task id (the first send, the
+  retries, the housekeeping's re-sends), so a job is found by its id in Flower and
+  ``inspect``. Several messages of one id are fine: results are ignored (no result
+  backend, ``worker_deduplicate_successful_tasks`` off), Kombu tracks unacknowledged
+  messages by delivery tag, not by task id, and the job's state machine decides what a
+  message does. (A ``revoke`` of a job id would drop every later message of that job on
+  the workers that got it: cancel a job through the store, never with ``revoke``.)
+* A job that fails ends its task in Celery's ``FAILURE`` state with its error code
+  (:class:`workers.tasks.JobFailed`, raised after the store recorded the failure, one
+  log line, no traceback). ``task_acks_on_failure_or_timeout`` (Celery's default, set
+  explicitly) acknowledges that message, and nothing retries on it: the failure is
+  final.
+* ``worker_max_memory_per_child``: a pool child whose peak resident memory passed
+  ``worker_max_memory_mb`` (plus the shared-memory arena it writes frames into, whose
+  pages count as its own) after a job is replaced by a fresh one, so memory a decoder
+  kept never accumulates. No ``worker_max_tasks_per_child``: the memory bound is what
+  matters, and a fresh child pays its start-up (imports, the arena, the GPU client)
+  again.
+* Retries of a job use Celery's exponential backoff (the ``retry_backoff``,
+  ``retry_backoff_max`` and ``retry_jitter`` task options, set from the settings
+  through ``task_annotations``; see :mod:`workers.tasks`).
+
+``celery -A workers.app inspect active`` (or ``events``, ``flower``) in a shell without
+``CLIPLINE_REDIS_URL``: the module's ``app`` then uses the Redis of the local stack
+that is up for ``CLIPLINE_DEPLOYMENT`` (its ``stack.json``,
+:func:`clipline_core.stackstate.running_stack`), and otherwise the default Redis with a
+warning on stderr saying so (:func:`settings_from_env`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -59,20 +104,50 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from clipline_core import constants
+from clipline_core import constants, stackstate
 from clipline_core.settings import Settings
 
 log = logging.getLogger("clipline.worker")
 
+#: the broker of an app whose settings name no Redis
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
-def make_app(settings: Settings) -> Celery:
+
+#: the job workers (prefork children running ``clipline.process_job``)
+ROLE_JOBS = "jobs"
+#: the callback worker (threads running ``clipline.deliver_callback``)
+ROLE_CALLBACKS = "callbacks"
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    """Kombu's visibility timeout: above every job's hard limit and every callback hold."""
+    callback_hold = settings.callback_backoff_max_s + 3 * settings.callback_retry_timeout_s
+    return int(
+        max(settings.visibility_timeout_s, settings.job_time_limit_s + 120, callback_hold + 120)
+    )
+
+
+def max_memory_per_child_kib(settings: Settings) -> int | None:
+    """Celery's ``worker_max_memory_per_child`` (KiB): ``worker_max_memory_mb`` plus the
+    shared-memory arena a child writes frames into; None (no limit) when that is 0."""
+    if settings.worker_max_memory_mb <= 0:
+        return None
+    arena_kib = settings.shm_slots * settings.shm_slot_bytes // 1024
+    return settings.worker_max_memory_mb * 1024 + arena_kib
+
+
+def make_app(settings: Settings, role: str = ROLE_JOBS) -> Celery:
+    """The Celery app of a job worker (and of anything that enqueues), or the callback worker's."""
+    if role not in (ROLE_JOBS, ROLE_CALLBACKS):
+        raise ValueError(f"unknown worker role {role!r}")
+    jobs = role == ROLE_JOBS
     app = Celery(
         "clipline",
-        broker=settings.redis_url or "redis://127.0.0.1:6379/0",
-        include=["workers.tasks", "workers.callbacks"],
+        broker=settings.redis_url or DEFAULT_REDIS_URL,
+        include=["workers.tasks", "workers.callbacks"] if jobs else ["workers.callbacks"],
     )
     queue = constants.queue_name(settings.deployment)
-    visibility = max(settings.visibility_timeout_s, int(settings.job_time_limit_s) + 120)
+    visibility = visibility_timeout_s(settings)
     app.conf.update(
         task_default_queue=queue,
         task_default_priority=constants.DEFAULT_PRIORITY.celery_priority,
@@ -80,6 +155,8 @@ def make_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         task_track_started=False,
         task_ignore_result=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_deduplicate_successful_tasks=False,
         task_serializer="json",
         accept_content=["json"],
         worker_prefetch_multiplier=1,
@@ -95,11 +172,26 @@ def make_app(settings: Settings) -> Celery:
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
         },
-        task_soft_time_limit=settings.job_soft_time_limit_s or None,  # 0: no soft limit
-        task_time_limit=settings.job_time_limit_s or None,
+        task_routes={
+            constants.CELERY_TASK_DELIVER_CALLBACK: {
+                "queue": constants.callbacks_queue_name(settings.deployment)
+            }
+        },
+        # Job limits (a thread pool has none: a delivery is bounded by its timeouts).
+        task_soft_time_limit=(settings.job_soft_time_limit_s or None) if jobs else None,
+        task_time_limit=(settings.job_time_limit_s or None) if jobs else None,
+        worker_max_memory_per_child=max_memory_per_child_kib(settings) if jobs else None,
+        task_annotations={
+            constants.CELERY_TASK_PROCESS_JOB: {
+                "retry_backoff": settings.retry_backoff_s,
+                "retry_backoff_max": settings.retry_backoff_max_s,
+                "retry_jitter": settings.retry_jitter,
+            }
+        },
     )
     app.conf.clipline_settings = settings
-    app.steps["worker"].add(HousekeepingStep)
+    app.conf.clipline_role = role
+    app.steps["worker"].add(HousekeepingStep if jobs else CallbackMetricsStep)
     return app
 
 
@@ -120,22 +212,18 @@ def _prepare_worker(sender: Any = None, **_: object) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # decoder chatter is not news
+    # httpx logs every request's full URL at INFO: query strings of callback and
+    # presigned URLs may carry secrets (our own log lines redact them).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     _metrics_dir = monitor.setup_multiprocess(conf.clipline_settings)
 
 
 @worker_process_init.connect
 def _limit_threads(**_: object) -> None:
-    """Pool children decode on one thread each so they never oversubscribe the cores.
-
-    Each child also creates its ``jobs_total`` series at 0, so the first job of every
-    status and code shows in ``rate()`` (the children's counters are summed on export).
-    """
+    """Pool children decode on one thread each so they never oversubscribe the cores."""
     import cv2
 
-    from clipline_core import metrics
-
     cv2.setNumThreads(1)
-    metrics.init_job_series()
 
 
 class HousekeepingStep(bootsteps.StartStopStep):
@@ -155,7 +243,7 @@ class HousekeepingStep(bootsteps.StartStopStep):
         settings: Settings = parent.app.conf.clipline_settings
         self.monitor = monitor.Monitor(parent.app, settings, _metrics_dir)
         if settings.worker_metrics_port:
-            self.http = monitor.serve_metrics(settings.worker_metrics_port, _metrics_dir)
+            self.http = monitor.serve_metrics(settings, _metrics_dir, constants.MetricRole.WORKERS)
         hub = getattr(parent, "hub", None)
         if hub is not None:
             self.tref = hub.call_repeatedly(monitor.INTERVAL_S, self.monitor.tick)
@@ -177,7 +265,47 @@ class HousekeepingStep(bootsteps.StartStopStep):
             self.tref = None
         if self.http is not None:
             self.http.shutdown()
+            self.http.server_close()
             self.http = None
+
+
+class CallbackMetricsStep(bootsteps.StartStopStep):
+    """The callback worker's ``/metrics``, ``/healthz`` and ``/readyz`` (no housekeeping)."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.http: Any = None
+
+    def start(self, parent: Any) -> None:
+        from workers import monitor
+
+        settings: Settings = parent.app.conf.clipline_settings
+        if not settings.worker_metrics_port:
+            return
+        try:
+            self.http = monitor.serve_metrics(
+                settings, _metrics_dir, constants.MetricRole.CALLBACKS
+            )
+        except OSError as exc:  # e.g. a job worker on this host serves that port
+            log.warning(
+                "callback worker: no metrics on port %d: %s", settings.worker_metrics_port, exc
+            )
+
+    def stop(self, parent: Any) -> None:
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+            self.http = None
+
+
+def _heartbeat(conf: Any) -> tuple[str, int]:
+    """The readiness key of this worker and the concurrency it announces."""
+    settings: Settings = conf.clipline_settings
+    if getattr(conf, "clipline_role", ROLE_JOBS) == ROLE_CALLBACKS:
+        key = constants.callback_worker_heartbeat_key(settings.deployment, settings.node_name)
+        return key, settings.callback_concurrency
+    key = constants.worker_heartbeat_key(settings.deployment, settings.node_name)
+    return key, settings.worker_concurrency
 
 
 @task_failure.connect
@@ -211,10 +339,9 @@ def _announce_ready(sender: object = None, **_: object) -> None:
     celery: Any = getattr(sender, "app", None)
     if celery is None or not hasattr(celery.conf, "clipline_settings"):
         return
-    settings: Settings = celery.conf.clipline_settings
-    key = constants.worker_heartbeat_key(settings.deployment, settings.node_name)
+    key, concurrency = _heartbeat(celery.conf)
     client = redis.Redis.from_url(celery.conf.broker_url)
-    client.hset(key, mapping={"pid": os.getpid(), "concurrency": settings.worker_concurrency})
+    client.hset(key, mapping={"pid": os.getpid(), "concurrency": concurrency})
     client.expire(key, 24 * 3600)
 
 
@@ -227,8 +354,7 @@ def _announce_stop(sender: Any = None, **_: object) -> None:
     celery: Any = getattr(sender, "app", None)
     if celery is None or not hasattr(celery.conf, "clipline_settings"):
         return
-    settings: Settings = celery.conf.clipline_settings
-    key = constants.worker_heartbeat_key(settings.deployment, settings.node_name)
+    key = _heartbeat(celery.conf)[0]
     redis.Redis.from_url(celery.conf.broker_url).delete(key)
     monitor.teardown_multiprocess(_metrics_dir)
 
@@ -251,14 +377,60 @@ def worker_argv(settings: Settings, concurrency: int, hostname: str, *extra: str
     ]
 
 
-_app_from_env: Celery | None = None
+def callback_worker_argv(settings: Settings, hostname: str, *extra: str) -> list[str]:
+    """The ``celery`` command line of the callback worker (threads, the callbacks queue)."""
+    return [
+        "-A",
+        "workers.app:callbacks_app",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(max(1, settings.callback_concurrency)),
+        "--queues",
+        constants.callbacks_queue_name(settings.deployment),
+        "--hostname",
+        hostname,
+        *extra,
+    ]
+
+
+_apps_from_env: dict[str, Celery] = {}
+_APP_ROLES = {"app": ROLE_JOBS, "callbacks_app": ROLE_CALLBACKS}
 
 
 def __getattr__(name: str) -> Any:
-    """``workers.app.app``: the app from the environment, built on first access."""
-    global _app_from_env
-    if name != "app":
+    """``workers.app.app`` / ``callbacks_app``: apps from the environment, built on first use."""
+    role = _APP_ROLES.get(name)
+    if role is None:
         raise AttributeError(name)
-    if _app_from_env is None:
-        _app_from_env = make_app(Settings.from_env())
-    return _app_from_env
+    if role not in _apps_from_env:
+        _apps_from_env[role] = make_app(settings_from_env(), role)
+    return _apps_from_env[role]
+
+
+def settings_from_env() -> Settings:
+    """The settings of ``celery -A workers.app ...``: the environment's, with the Redis
+    of the local stack that is up for this deployment when the environment names none.
+
+    Without either, the default Redis is used and a warning says so (``inspect`` or
+    ``flower`` would otherwise talk, silently, to whatever else runs there).
+    """
+    settings = Settings.from_env()
+    if settings.redis_url:
+        return settings
+    record = stackstate.running_stack(settings.state_dir, settings.deployment)
+    url = str(record.get("redis_url") or "") if record else ""
+    where = stackstate.state_file(settings.state_dir, settings.deployment)
+    if url:
+        log.info("workers.app: using the Redis of the local stack recorded in %s", where)
+        return dataclasses.replace(settings, redis_url=url)
+    log.warning(
+        "workers.app: CLIPLINE_REDIS_URL is not set and no local stack of deployment %r is "
+        "up (%s); using %s. Set CLIPLINE_REDIS_URL (and CLIPLINE_DEPLOYMENT) to reach "
+        "another stack.",
+        settings.deployment,
+        where,
+        DEFAULT_REDIS_URL,
+    )
+    return settings

@@ -1,13 +1,28 @@
 """Fetch stage: bring a job's video and product images into node-local scratch files.
 
 Sources are http(s) URLs or local paths (plain or ``file://``). Local paths are
-accepted only under the configured roots (``CLIPLINE_LOCAL_ROOTS``). URLs are streamed
+accepted only under the configured roots (``CLIPLINE_LOCAL_ROOTS``); a path outside
+them is ``forbidden_source`` whether or not it exists. URLs are streamed
 with a size cap and connect/read timeouts, retried with exponential backoff on
 transient errors (5xx, 429, connection resets), and checked against SSRF: a host that
 resolves to a loopback, private, link-local, reserved or cloud-metadata address is
 refused unless configuration allows it (``CLIPLINE_ALLOW_LOOPBACK``,
-``CLIPLINE_ALLOW_PRIVATE_NETWORKS``). The resolved address is the one connected to,
-so a DNS answer cannot change between the check and the request.
+``CLIPLINE_ALLOW_PRIVATE_NETWORKS``). An IPv6 address that embeds an IPv4 address
+(IPv4-mapped, -compatible and -translated, 6to4, Teredo, NAT64, ISATAP) is refused when
+the embedded address is; a numeric host in any form ``inet_aton`` reads
+(``2852039166``, ``0xA9FEA9FE``, ``0251.0376.0251.0376``) is that address. The checked
+address is the one connected to, so a DNS answer cannot change between the check and
+the request.
+
+Each source has a deadline (``fetch_deadline_s``) covering its connects, retries and
+whole body, and a body must keep up a minimum rate (``fetch_min_rate_bps``) over a
+sliding window (``fetch_rate_window_s``, also the grace after the response headers): a
+watchdog thread ends the request when either is missed. A source that stalls or misses
+the deadline fails with ``source_timeout``, one that trickles with ``source_too_slow``,
+one that closes before the length it declared with ``source_truncated``. Read timeouts
+and truncations are retried within the deadline; none of the three is retried by the
+job (:data:`clipline_core.errors.TRANSIENT_CODES`), so a bad source holds a worker for
+at most one deadline.
 
 Content is sniffed from its first bytes: a video must be a known container (a renamed
 text file is ``not_a_video``), an image a known image format. A product image must
@@ -17,12 +32,17 @@ pixels (a small compressed file can expand to gigabytes): ``too_large``.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import ipaddress
+import math
 import os
+import re
 import shutil
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -93,23 +113,132 @@ def local_path(source: str) -> Path | None:
     return Path(source)
 
 
-def check_address(
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, settings: Settings
-) -> str | None:
-    """Why connecting to ``ip`` is refused, or None if it is allowed."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052
+_NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # never an address NAT64 translates to
+_LOW32 = 0xFFFFFFFF
+
+
+def _rfc6052_ipv4(n: int, prefix_len: int) -> ipaddress.IPv4Address:
+    """The IPv4 address an RFC 6052 address with a ``prefix_len`` prefix embeds."""
+    if prefix_len >= 96:
+        return ipaddress.IPv4Address(n & _LOW32)
+    stream = ((n >> 64) << 56) | (n & ((1 << 56) - 1))  # bits 64-71 (the "u" octet) out
+    return ipaddress.IPv4Address((stream >> (120 - prefix_len - 32)) & _LOW32)
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address ``ip`` carries in a standard IPv6 transition form."""
+    n = int(ip)
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d
+        found.append(ip.ipv4_mapped)
+    if n >> 32 == 0xFFFF0000:  # IPv4-translated ::ffff:0:a.b.c.d (RFC 2765)
+        found.append(ipaddress.IPv4Address(n & _LOW32))
+    if n >> 32 == 0 and n > 1:  # IPv4-compatible ::a.b.c.d (not :: or ::1)
+        found.append(ipaddress.IPv4Address(n & _LOW32))
+    if ip.sixtofour is not None:  # 2002:AABB:CCDD::/48
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:  # 2001::/32: server, and the client (its bits inverted)
+        found.extend(ip.teredo)
+    if ip in _NAT64_WELL_KNOWN:
+        found.append(ipaddress.IPv4Address(n & _LOW32))
+    if ip in _NAT64_LOCAL_USE:  # any RFC 6052 prefix inside the /48 may be in use
+        for length in (48, 56, 64, 96):
+            inner = _rfc6052_ipv4(n, length)
+            if inner not in _THIS_NETWORK:  # zero bits read at the wrong length
+                found.append(inner)
+    if (n >> 32) & 0xFCFFFFFF == 0x00005EFE:  # ISATAP interface id ::0:5efe:a.b.c.d
+        found.append(ipaddress.IPv4Address(n & _LOW32))
+    return found
+
+
+def _translated(ip: ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` stands for its embedded IPv4 address alone (mapping, NAT64)."""
+    return ip.ipv4_mapped is not None or int(ip) >> 32 == 0xFFFF0000 or ip in _NAT64_WELL_KNOWN
+
+
+def _check_one(ip: _IPAddress, settings: Settings) -> str | None:
     if ip in _METADATA_IPS:
         return "a cloud metadata address"
     if ip.is_loopback:
         return None if settings.allow_loopback else "a loopback address"
     if ip.is_link_local:
         return "a link-local address"
+    if ip in _NAT64_LOCAL_USE:
+        return None if settings.allow_private_networks else "a private-network address"
     if ip.is_multicast or ip.is_unspecified or ip.is_reserved:
         return "a reserved address"
     if ip.is_private or not ip.is_global:
         return None if settings.allow_private_networks else "a private-network address"
     return None
+
+
+def check_address(ip: _IPAddress, settings: Settings) -> str | None:
+    """Why connecting to ``ip`` is refused, or None if it is allowed.
+
+    An IPv6 address is refused when any IPv4 address it embeds is; one that only
+    translates to IPv4 (IPv4-mapped, NAT64's well-known prefix) is judged by that
+    address alone, the others (6to4, Teredo, ISATAP, ...) by both.
+    """
+    if isinstance(ip, ipaddress.IPv6Address):
+        for inner in embedded_ipv4(ip):
+            why = _check_one(inner, settings)
+            if why:
+                return f"{why} ({inner}) embedded in an IPv6 address"
+        if _translated(ip):
+            return None
+    return _check_one(ip, settings)
+
+
+_NUMERIC_PART = re.compile(r"0x[0-9a-f]*|[0-9]+", re.IGNORECASE)
+
+
+def numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a numeric host spells, in any form ``inet_aton`` reads, or None.
+
+    One to four parts, each decimal, octal (leading 0) or hex (``0x``), the last one
+    filling the remaining bytes: ``2852039166``, ``0xA9FEA9FE``, ``0251.0376.0251.0376``
+    and ``169.254.43518`` are all 169.254.169.254 (the WHATWG URL rules read them the
+    same way). A host that looks numeric but does not fit is an invalid request.
+    """
+    parts = host.split(".")
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()  # one trailing dot, as in a fully qualified name
+    if not 1 <= len(parts) <= 4 or not all(_NUMERIC_PART.fullmatch(p) for p in parts):
+        return None
+    invalid = ClipError(ErrorCode.INVALID_REQUEST, f"{host!r} is not a valid IPv4 address")
+    try:
+        values = [
+            int(p[2:] or "0", 16) if p[:2].lower() == "0x" else int(p, 8 if p[0] == "0" else 10)
+            for p in parts
+        ]
+    except ValueError:  # e.g. "09": a malformed octal part
+        raise invalid from None
+    *head, last = values
+    if any(v > 255 for v in head) or last >> (8 * (5 - len(values))):
+        raise invalid
+    n = last
+    for i, v in enumerate(head):
+        n |= v << (8 * (3 - i))
+    return ipaddress.IPv4Address(n)
+
+
+def _literal(host: str) -> _IPAddress | None:
+    """The address a host names literally (IPv6, or IPv4 in any numeric form), or None."""
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    return numeric_ipv4(host)
+
+
+def _named_private(host: str, settings: Settings) -> bool:
+    """Whether ``host`` is one of the names allowed to resolve to private networks."""
+    names = {n.strip().lower().rstrip(".") for n in settings.private_hosts.split(",")}
+    return host.lower().rstrip(".") in names - {""}
 
 
 def resolve_checked(host: str, port: int, settings: Settings) -> str:
@@ -118,15 +247,21 @@ def resolve_checked(host: str, port: int, settings: Settings) -> str:
         raise ClipError(
             ErrorCode.FORBIDDEN_SOURCE, f"refusing to fetch from metadata host {host!r}"
         )
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ClipError(
-            ErrorCode.FETCH_FAILED, f"cannot resolve host {host!r}: {exc}", transient=False
-        ) from exc
+    if not settings.allow_private_networks and _named_private(host, settings):
+        settings = settings.replace(allow_private_networks=True)
+    literal = _literal(host)
+    if literal is not None:
+        ips: list[_IPAddress] = [literal]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ClipError(
+                ErrorCode.FETCH_FAILED, f"cannot resolve host {host!r}: {exc}", transient=False
+            ) from exc
+        ips = [ipaddress.ip_address(info[4][0]) for info in infos]
     addrs = []
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
+    for ip in ips:
         why = check_address(ip, settings)
         if why:
             raise ClipError(
@@ -144,7 +279,10 @@ def check_url(url: str, settings: Settings) -> str:
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ClipError(ErrorCode.INVALID_REQUEST, f"not an http(s) URL: {url!r}")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError as exc:  # a port out of range or not a number
+        raise ClipError(ErrorCode.INVALID_REQUEST, f"bad port in {url!r}: {exc}") from None
     return resolve_checked(parsed.hostname, port, settings)
 
 
@@ -168,6 +306,21 @@ def pinned(url: str, settings: Settings) -> tuple[str, dict[str, str], dict[str,
 
 
 def _copy_local(path: Path, dest: Path, settings: Settings, cap: int, what: str) -> Path:
+    # The roots are checked before the file is looked at, on the path with its existing
+    # links followed: a path outside them is refused the same way (code and message)
+    # whether or not it exists, so the answer cannot probe the filesystem.
+    roots = settings.local_root_paths
+
+    def inside(p: Path) -> bool:
+        return any(p == r or r in p.parents for r in roots)
+
+    outside = ClipError(
+        ErrorCode.FORBIDDEN_SOURCE,
+        f"{what} path {str(path)!r} is outside the directories local files are accepted "
+        "from (allow one with `clipline up --allow-dir DIR` or CLIPLINE_LOCAL_ROOTS)",
+    )
+    if not inside(path.resolve()):
+        raise outside
     try:
         resolved = path.resolve(strict=True)
     except (FileNotFoundError, NotADirectoryError):
@@ -176,13 +329,8 @@ def _copy_local(path: Path, dest: Path, settings: Settings, cap: int, what: str)
         raise ClipError(
             ErrorCode.NOT_FOUND, f"cannot open {what} file {str(path)!r}: {exc}"
         ) from None
-    roots = settings.local_root_paths
-    if not any(resolved == r or r in resolved.parents for r in roots):
-        raise ClipError(
-            ErrorCode.FORBIDDEN_SOURCE,
-            f"{what} path {str(path)!r} is outside the allowed local directories "
-            "(set CLIPLINE_LOCAL_ROOTS)",
-        )
+    if not inside(resolved):  # a link changed between the two looks
+        raise outside
     if not resolved.is_file():
         raise ClipError(ErrorCode.NOT_FOUND, f"{what} path {str(path)!r} is not a regular file")
     size = resolved.stat().st_size
@@ -198,20 +346,35 @@ def _copy_local(path: Path, dest: Path, settings: Settings, cap: int, what: str)
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
+class _TryAgain(Exception):
+    """A failure the fetch retries within its deadline; ``error`` if it cannot."""
+
+    def __init__(self, error: ClipError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 def _download(url: str, dest: Path, settings: Settings, cap: int, what: str) -> Path:
+    limit = settings.fetch_deadline_s
+    deadline = time.monotonic() + limit if limit > 0 else math.inf
     attempts = max(1, settings.fetch_retries + 1)
     last: ClipError | None = None
     for attempt in range(attempts):
+        if attempt:
+            pause = min(8.0, 0.25 * 2 ** (attempt - 1))
+            if time.monotonic() + pause >= deadline:
+                break  # no time left for another try: the last error stands
+            time.sleep(pause)
         target, headers, extensions = pinned(url, settings)
         try:
-            _stream(target, headers, extensions, dest, settings, cap, what)
+            _stream(target, headers, extensions, dest, settings, cap, what, deadline)
             return dest
+        except _TryAgain as again:
+            last = again.error
         except ClipError as exc:
             if not exc.transient:
                 raise
             last = exc
-        if attempt + 1 < attempts:
-            time.sleep(min(8.0, 0.25 * 2**attempt))
     assert last is not None
     raise last
 
@@ -231,6 +394,126 @@ def http_client(timeout: httpx.Timeout) -> httpx.Client:
     return httpx.Client(timeout=timeout, follow_redirects=False, verify=tls_context())
 
 
+class _Guard:
+    """Watches one request from a thread: ends it at the fetch deadline, or when its body
+    stalls (nothing for the window) or arrives slower than the minimum rate over it.
+
+    It ends a request by shutting its socket down, which wakes a blocked read at once;
+    the fetching thread then raises :attr:`error`. It learns the socket from httpx's
+    ``trace`` extension (:meth:`trace`) and forgets it before the connection closes, so
+    it never touches a socket that is gone.
+    """
+
+    def __init__(self, deadline: float, settings: Settings, what: str) -> None:
+        self.deadline = deadline
+        self.min_rate = max(0, settings.fetch_min_rate_bps)
+        self.window = max(0.0, settings.fetch_rate_window_s)
+        self.limit_s = settings.fetch_deadline_s
+        self.what = what
+        self.received = 0  # body bytes so far (as sent), set by the fetching thread ...
+        self.moved_at = 0.0  # ... with the time they last grew
+        self.declared: int | None = None
+        self.error: ClipError | None = None
+        self._lock = threading.Lock()
+        self._stream: Any = None
+        self._body_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fetch-guard", daemon=True)
+
+    def __enter__(self) -> _Guard:
+        if self.deadline < math.inf or self.min_rate:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._stream = None
+        self._stop.set()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpx's ``trace`` extension: keep the connection's stream while it is open."""
+        with self._lock:
+            if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+                self._stream = info.get("return_value")
+                if self.error is not None:
+                    self._shutdown()
+            elif event.endswith(".failed") or event == "http11.response_closed.started":
+                self._stream = None
+
+    def body_started(self, declared: int | None) -> None:
+        self.declared = declared
+        self.moved_at = self._body_at = time.monotonic()
+
+    def moved(self, received: int) -> None:
+        self.received = received
+        self.moved_at = time.monotonic()
+
+    def progress(self) -> str:
+        if self.declared is None:
+            return f"{self.received} bytes received"
+        return f"{self.received} of {self.declared} bytes received"
+
+    def _run(self) -> None:
+        samples: collections.deque[tuple[float, int]] = collections.deque()
+        tick = min(0.25, self.window / 10) if self.min_rate and self.window else math.inf
+        while True:
+            now = time.monotonic()
+            if now >= self.deadline:
+                self._trip(
+                    ErrorCode.SOURCE_TIMEOUT,
+                    f"the {self.what} did not arrive within the fetch deadline of "
+                    f"{self.limit_s:g} s ({self.progress()})",
+                )
+                return
+            body_at = self._body_at
+            if body_at is not None and tick < math.inf:
+                received, moved_at = self.received, self.moved_at
+                if not samples:
+                    samples.append((body_at, 0))
+                samples.append((now, received))
+                while len(samples) > 1 and samples[1][0] <= now - self.window:
+                    samples.popleft()  # keep the last sample at or before the window's start
+                if now - body_at >= self.window:
+                    since, base = samples[0]
+                    rate = (received - base) / (now - since)
+                    if now - moved_at >= self.window:
+                        self._trip(
+                            ErrorCode.SOURCE_TIMEOUT,
+                            f"the {self.what} source stalled: nothing arrived for "
+                            f"{self.window:g} s ({self.progress()})",
+                        )
+                        return
+                    if rate < self.min_rate:
+                        self._trip(
+                            ErrorCode.SOURCE_TOO_SLOW,
+                            f"the {self.what} source is too slow: {rate / 1024:.1f} KiB/s over "
+                            f"the last {self.window:g} s, the minimum is "
+                            f"{self.min_rate / 1024:g} KiB/s ({self.progress()})",
+                        )
+                        return
+            if self._stop.wait(min(tick, max(0.0, self.deadline - now))):
+                return
+
+    def _trip(self, code: ErrorCode, message: str) -> None:
+        with self._lock:
+            if self._stop.is_set() or self.error is not None:
+                return
+            self.error = ClipError(code, message)
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        stream = self._stream
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            # The base class's shutdown: a TLS socket's own drops its state under a reader.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def _stream(
     target: str,
     headers: dict[str, str],
@@ -239,51 +522,94 @@ def _stream(
     settings: Settings,
     cap: int,
     what: str,
+    deadline: float,
 ) -> None:
-    timeout = httpx.Timeout(settings.fetch_read_timeout_s, connect=settings.fetch_connect_timeout_s)
-    try:
-        with (
-            http_client(timeout) as client,
-            client.stream("GET", target, headers=headers, extensions=extensions) as resp,
-        ):
-            if resp.status_code in _TRANSIENT_STATUS:
-                raise ClipError(
-                    ErrorCode.FETCH_FAILED, f"{what} URL answered HTTP {resp.status_code}"
-                )
-            if resp.status_code in (301, 302, 303, 307, 308):
-                raise ClipError(
-                    ErrorCode.FETCH_FAILED,
-                    f"{what} URL redirects; give the final URL",
-                    transient=False,
-                )
-            if resp.status_code == 404:
-                raise ClipError(ErrorCode.NOT_FOUND, f"{what} URL answered HTTP 404")
-            if resp.status_code >= 400:
-                raise ClipError(
-                    ErrorCode.FETCH_FAILED,
-                    f"{what} URL answered HTTP {resp.status_code}",
-                    transient=False,
-                )
-            declared = resp.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > cap:
-                raise ClipError(
-                    ErrorCode.TOO_LARGE, f"{what} is {declared} bytes; the limit is {cap}"
-                )
-            size = 0
-            with open(dest, "wb") as fh:
-                for block in resp.iter_bytes(1 << 20):
-                    size += len(block)
-                    if size > cap:
-                        raise ClipError(
-                            ErrorCode.TOO_LARGE, f"{what} exceeds the limit of {cap} bytes"
-                        )
-                    fh.write(block)
-    except httpx.TimeoutException as exc:
-        raise ClipError(ErrorCode.FETCH_FAILED, f"timed out fetching the {what}: {exc}") from exc
-    except httpx.TransportError as exc:
+    """One try: GET ``target`` into ``dest`` by ``deadline`` (a ``time.monotonic()``)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
         raise ClipError(
-            ErrorCode.FETCH_FAILED, f"network error fetching the {what}: {exc}"
-        ) from exc
+            ErrorCode.SOURCE_TIMEOUT,
+            f"the {what} did not arrive within the fetch deadline of "
+            f"{settings.fetch_deadline_s:g} s",
+        )
+    read_s = min(settings.fetch_read_timeout_s, left)
+    timeout = httpx.Timeout(read_s, connect=min(settings.fetch_connect_timeout_s, left))
+    # Media is compressed already; identity keeps the rate the rate of what is sent.
+    headers = {**headers, "Accept-Encoding": "identity"}
+    in_body = False
+    with _Guard(deadline, settings, what) as guard:
+        extensions = {**extensions, "trace": guard.trace}
+        try:
+            with (
+                http_client(timeout) as client,
+                client.stream("GET", target, headers=headers, extensions=extensions) as resp,
+            ):
+                if resp.status_code in _TRANSIENT_STATUS:
+                    raise ClipError(
+                        ErrorCode.FETCH_FAILED, f"{what} URL answered HTTP {resp.status_code}"
+                    )
+                if resp.status_code in (301, 302, 303, 307, 308):
+                    raise ClipError(
+                        ErrorCode.FETCH_FAILED,
+                        f"{what} URL redirects; give the final URL",
+                        transient=False,
+                    )
+                if resp.status_code == 404:
+                    raise ClipError(ErrorCode.NOT_FOUND, f"{what} URL answered HTTP 404")
+                if resp.status_code >= 400:
+                    raise ClipError(
+                        ErrorCode.FETCH_FAILED,
+                        f"{what} URL answered HTTP {resp.status_code}",
+                        transient=False,
+                    )
+                header = resp.headers.get("content-length")
+                declared = int(header) if header and header.isdigit() else None
+                if declared is not None and declared > cap:
+                    raise ClipError(
+                        ErrorCode.TOO_LARGE, f"{what} is {declared} bytes; the limit is {cap}"
+                    )
+                guard.body_started(declared)
+                in_body = True
+                size = 0
+                with open(dest, "wb") as fh:
+                    for block in resp.iter_bytes():
+                        guard.moved(resp.num_bytes_downloaded)
+                        size += len(block)
+                        if size > cap:
+                            raise ClipError(
+                                ErrorCode.TOO_LARGE, f"{what} exceeds the limit of {cap} bytes"
+                            )
+                        fh.write(block)
+                guard.check()  # a body without a length ends "normally" when cut off
+        except httpx.TimeoutException as exc:
+            guard.check()
+            if not isinstance(exc, httpx.ReadTimeout):
+                raise ClipError(
+                    ErrorCode.FETCH_FAILED, f"timed out fetching the {what}: {exc}"
+                ) from exc
+            error = ClipError(
+                ErrorCode.SOURCE_TIMEOUT,
+                f"timed out fetching the {what}: nothing arrived for {read_s:g} s"
+                + (f" ({guard.progress()})" if in_body else ""),
+            )
+            if time.monotonic() >= deadline:
+                raise error from exc
+            raise _TryAgain(error) from exc
+        except httpx.TransportError as exc:
+            guard.check()
+            if in_body:
+                raise _TryAgain(
+                    ClipError(
+                        ErrorCode.SOURCE_TRUNCATED,
+                        f"the {what} source closed the connection after "
+                        f"{guard.received} of the {guard.declared} bytes it declared"
+                        if guard.declared is not None
+                        else f"the {what} source broke off after {guard.received} bytes: {exc}",
+                    )
+                ) from exc
+            raise ClipError(
+                ErrorCode.FETCH_FAILED, f"network error fetching the {what}: {exc}"
+            ) from exc
 
 
 def fetch_to(

@@ -1,24 +1,29 @@
 """Render stage: cut the chosen window out of the source into a browser-playable clip.
 
-With ffmpeg installed the clip is H.264 (yuv420p, ``+faststart``) with the source's
-audio re-encoded to AAC, in MP4. Without ffmpeg it is VP9 in MP4 written by OpenCV's
-bundled FFmpeg (no audio: OpenCV cannot carry it). MPEG-4 part 2 (``mp4v``) is never
-used: browsers do not play it.
+With an ffmpeg (:mod:`workers.ffmpeg` picks it from the ``ffmpeg`` setting: by default
+the static one in the ``imageio-ffmpeg`` wheel, else the system's) the clip is H.264
+(yuv420p, ``+faststart``) with the source's audio re-encoded to AAC, in MP4. With none
+it is VP9 in MP4 written by OpenCV's bundled FFmpeg libraries (no audio: OpenCV cannot
+carry it). MPEG-4 part 2 (``mp4v``) is never used: browsers do not play it.
 
 The clip keeps the source frame rate and holds exactly ``round(length * fps)`` frames,
 counted from the frames that really decode (not from container metadata).
+
+A clip is owner-only (0600, whatever the umask), as is a directory made for it (0700):
+it shows a customer's product and may not be public.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import os
 import subprocess
 from pathlib import Path
 
 import cv2
 
 from clipline_core.errors import ClipError, ErrorCode
+from workers import ffmpeg as ffmpeg_tool
 from workers.decode import open_capture
 
 
@@ -29,42 +34,6 @@ class Rendered:
     fps: float
     codec: str
     audio: bool
-
-
-def has_audio(ffprobe: str, src: Path) -> bool:
-    try:
-        out = subprocess.run(
-            [
-                ffprobe,
-                "-v",
-                "error",
-                "-select_streams",
-                "a",
-                "-show_entries",
-                "stream=index",
-                "-of",
-                "csv=p=0",
-                str(src),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return bool(out.stdout.strip())
-
-
-def find_ffmpeg(name: str) -> tuple[str, str] | None:
-    """(ffmpeg, ffprobe) executables, or None when ffmpeg is disabled or missing."""
-    if not name:
-        return None
-    ffmpeg = shutil.which(name)
-    if ffmpeg is None:
-        return None
-    probe = shutil.which(str(Path(ffmpeg).with_name("ffprobe"))) or shutil.which("ffprobe")
-    return (ffmpeg, probe) if probe else None
 
 
 def render(
@@ -80,21 +49,23 @@ def render(
 ) -> Rendered:
     """Write ``frames`` frames from ``start_s`` of ``src`` to ``dest`` (an .mp4).
 
+    ``ffmpeg`` is the ``ffmpeg`` setting: ``auto``, ``bundled``, ``system``, a path or
+    name, or empty for the OpenCV fallback (see :mod:`workers.ffmpeg`).
     ``first_frame`` is the index of the decoded frame at ``start_s`` (the OpenCV path
     counts decoded frames; without it, ``round(start_s * fps)``).
     """
     if frames < 1:
         raise ClipError(ErrorCode.RENDER_FAILED, "nothing to render: the window holds no frame")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tools = find_ffmpeg(ffmpeg)
-    if tools is not None:
-        return _render_ffmpeg(tools, src, dest, start_s, frames, fps, timeout_s)
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tool = ffmpeg_tool.find(ffmpeg)
+    if tool is not None:
+        return _render_ffmpeg(tool, src, dest, start_s, frames, fps, timeout_s)
     first = round(start_s * fps) if first_frame is None else first_frame
     return _render_opencv(src, dest, first, frames, fps)
 
 
 def _render_ffmpeg(
-    tools: tuple[str, str],
+    tool: ffmpeg_tool.Ffmpeg,
     src: Path,
     dest: Path,
     start_s: float,
@@ -102,11 +73,10 @@ def _render_ffmpeg(
     fps: float,
     timeout_s: float,
 ) -> Rendered:
-    ffmpeg, ffprobe = tools
-    audio = has_audio(ffprobe, src)
+    audio = ffmpeg_tool.has_audio(tool.path, src)
     tmp = dest.with_name(dest.name + ".part.mp4")
     cmd = [
-        ffmpeg,
+        tool.path,
         "-nostdin",
         "-v",
         "error",
@@ -129,7 +99,7 @@ def _render_ffmpeg(
         "23",
         "-pix_fmt",
         "yuv420p",
-        "-fps_mode",
+        tool.fps_mode_flag,
         "passthrough",
     ]
     if audio:
@@ -148,6 +118,7 @@ def _render_ffmpeg(
         raise ClipError(
             ErrorCode.RENDER_FAILED, "ffmpeg failed to render the clip: " + " | ".join(tail)
         )
+    os.chmod(tmp, 0o600)
     tmp.replace(dest)
     return Rendered(dest, frames, fps, "h264", audio)
 
@@ -179,5 +150,6 @@ def _render_opencv(src: Path, dest: Path, first: int, frames: int, fps: float) -
     if written == 0:
         tmp.unlink(missing_ok=True)
         raise ClipError(ErrorCode.RENDER_FAILED, "no frame could be read for the clip")
+    os.chmod(tmp, 0o600)
     tmp.replace(dest)
     return Rendered(dest, written, fps, "vp9", False)

@@ -25,9 +25,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def serve(host: str, port: int) -> int:
-    """Run the API with uvicorn until SIGTERM/SIGINT; the exit status."""
-    import uvicorn
+    """Run the API with uvicorn until SIGTERM/SIGINT; the exit status.
 
+    The server's limits (header, body and keep-alive timeouts, connections) come from
+    :func:`clipline.api.server.server_config`.
+    """
     from clipline.api.auth import KeyConfigError, load_keys
 
     settings = Settings.from_env()
@@ -43,17 +45,18 @@ def serve(host: str, port: int) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        "clipline.api.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=max(1, settings.api_workers),
-        loop="auto",
-        http="auto",
-        access_log=settings.api_access_log,
-        log_level="info",
-        timeout_keep_alive=30,
-        backlog=2048,
+    from clipline.api.server import run, server_config
+
+    started = run(
+        server_config(
+            settings,
+            "clipline.api.app:app_from_env",
+            host,
+            port,
+            factory=True,
+            workers=max(1, settings.api_workers),
+            loop="auto",
+            log_level="info",
+        )
     )
-    return 0
+    return 0 if started else 1

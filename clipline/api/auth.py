@@ -6,7 +6,10 @@ comma-separated list and ``CLIPLINE_API_KEY_FILE`` a file with one entry per lin
 the key in logs and metrics (the key itself is never logged); ``SCOPES`` is a
 ``+``-separated subset of ``submit``, ``read``, ``cancel`` (all three when omitted or
 empty); ``TENANT`` (default: the key's ID) owns the jobs the key creates: keys of one
-tenant see each other's jobs and share idempotency keys, other tenants get 404. Keys
+tenant see each other's jobs and share idempotency keys, other tenants get 404
+(:meth:`ApiKey.sees`, the one rule every job route applies). Jobs stored without a
+tenant (the local tools' jobs, e.g. ``clipline highlight`` into a running stack) belong
+to the tenant :data:`LOCAL_TENANT`, the local stack's own key; no other key sees them. Keys
 are random tokens of 256 bits (:func:`new_key`), so a plain SHA-256 is a sound way to
 store them.
 
@@ -29,6 +32,10 @@ from typing import Any
 from clipline_core import constants
 from clipline_core.settings import Settings
 
+# LOCAL_TENANT: the tenant of jobs stored without one (the local tools') and of the local
+# stack's key; the store lists such jobs under it.
+from clipline_core.store import LOCAL_TENANT as LOCAL_TENANT
+
 SCOPES: frozenset[str] = frozenset({"submit", "read", "cancel"})
 KEY_PREFIX = "clk_"
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -45,6 +52,10 @@ class ApiKey:
     digest: bytes
     scopes: frozenset[str]
     tenant: str
+
+    def sees(self, owner: str | None) -> bool:
+        """Whether a job stored with tenant ``owner`` (None or empty: none) is visible."""
+        return (owner or LOCAL_TENANT) == self.tenant
 
 
 def new_key() -> str:

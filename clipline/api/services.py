@@ -1,10 +1,11 @@
 """What the job API's handlers share, and how a job spec is checked before it is queued.
 
 Owns :class:`Services` (settings, Redis, the job store with its end-of-job hook, the
-Celery app that sends jobs, the key ring, the rate limiter, a small thread pool for
-blocking calls) and :func:`check_spec` (http(s) sources only, local paths only where
-allowed, literal addresses refused by the fetch stage's SSRF rules, callbacks only with
-a secret). Must not import the routes or the factory.
+Celery app that sends jobs, the key ring, the rate limiter, the artifact store the
+clips are served from, the waits of ``Prefer: wait``, a small thread pool for blocking
+calls) and :func:`check_spec`
+(http(s) sources only, local paths only where allowed, literal addresses refused by the
+fetch stage's SSRF rules, callbacks only with a secret). Must not import the routes or the factory.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import redis
 from celery import Celery
 
 from clipline.api.auth import KeyConfigError, KeyRing, RateLimiter, load_keys
+from clipline.api.waiting import Waiters
+from clipline_core.artifacts import ArtifactStore, open_store
 from clipline_core.errors import ApiError, ClipError, ErrorCode
 from clipline_core.job import JobSpec
 from clipline_core.schema import (
@@ -51,8 +54,9 @@ class Services:
             )
         self.settings = settings
         self.keyring = KeyRing(keys)
+        self.redis_url = settings.redis_url or "redis://127.0.0.1:6379/0"
         self.redis = redis.Redis.from_url(
-            settings.redis_url or "redis://127.0.0.1:6379/0",
+            self.redis_url,
             socket_timeout=5.0,
             socket_connect_timeout=2.0,
             health_check_interval=30,
@@ -64,6 +68,10 @@ class Services:
             self.redis, settings.deployment, settings.api_rate_limit, settings.api_rate_burst
         )
         self.artifacts = settings.artifacts_path.resolve()
+        #: where the workers keep the clips (a local directory or an S3 bucket)
+        self.artifact_store: ArtifactStore = open_store(settings)
+        #: ``Prefer: wait=N`` (each wait listens on its own pub/sub connection)
+        self.waiters = Waiters(self.redis_url, settings.api_max_wait_s, settings.api_max_waiters)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, settings.api_threads), thread_name_prefix="clipline-api"
         )

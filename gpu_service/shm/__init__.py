@@ -101,10 +101,10 @@ unix sockets work across mount and pid namespaces of one kernel.
   at the same path (e.g. ``/dev/shm``, whose container default is only 64 MiB) in the
   daemon and worker containers and set ``CLIPLINE_SHM_DIR`` to it. The memory counts
   against the pod's limit.
-* Pods on one node (the daemon DaemonSet and the node's worker Deployment): mount the
-  same ``hostPath`` directory, which must be on a tmpfs of the node (e.g.
-  ``/dev/shm/clipline-<name>``, ``type: DirectoryOrCreate``), in both pods and run both
-  with the same uid (``runAsUser``), since the files are owner-only.
+* Pods on one node (a GPU daemon's pod and its workers' pods): mount the same
+  ``hostPath`` directory, which must be on a tmpfs of the node (e.g.
+  ``/dev/shm/clipline-<name>-gpu<i>``, one per GPU daemon, ``type: DirectoryOrCreate``),
+  in both and run both with the same uid (``runAsUser``), since the files are owner-only.
 
 Security. The deployment name is part of every file name, so two deployments on one node
 never collide. The arena and the socket are created 0600 regardless of the umask; the

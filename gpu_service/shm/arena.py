@@ -296,7 +296,10 @@ class Arena:
         return fixed
 
     def reclaim_dead(self) -> int:
-        """Free WRITING slots whose producer died; return how many were reclaimed."""
+        """Free WRITING slots whose producer died; return how many were reclaimed.
+
+        Counted in ``clipline_shm_slots_reclaimed_total`` by the daemon's consumer
+        (:meth:`gpu_service.shm.Consumer.reclaim_dead`), not by a producer that reclaims."""
         count = 0
         for i in _indices(self._scan(), _WRITING):
             if i in self._leases or not self._try_lock(i):
@@ -307,8 +310,6 @@ class Arena:
                     count += 1
             finally:
                 self._unlock(i)
-        if count:
-            m.SHM_SLOTS_RECLAIMED.inc(count)
         return count
 
     # -- views ---------------------------------------------------------------

@@ -224,6 +224,8 @@ class Consumer:
 
     def reclaim_dead(self) -> int:
         n = self.arena.reclaim_dead()
+        if n:
+            m.SHM_SLOTS_RECLAIMED.inc(n)
         self._flush_metrics()
         return n
 

@@ -3,8 +3,9 @@
 * ``clipline-operator run [--namespace NS] [--liveness URL] [--standalone]``: the kopf
   operator (cluster-wide unless ``--namespace``); same as
   ``kopf run -m clipline_operator.handlers --all-namespaces``.
-* ``clipline-operator simulate [--png PATH | --no-png] [--json]``: the closed-loop
-  simulation; writes the PNG (default ``docs/autoscaler.png``) and prints the summary.
+* ``clipline-operator simulate [--scenario default|multi-gpu] [--png PATH | --no-png]
+  [--json]``: the closed-loop simulation; writes the PNG (default ``docs/autoscaler.png``,
+  ``docs/autoscaler-multigpu.png`` for ``multi-gpu``) and prints the summary.
 * ``clipline-operator crd [--write] [--peering]``: the ClipPipeline CRD as YAML (with
   ``--write`` into the chart), or kopf's peering CRDs.
 * ``clipline-operator rbac``: the ClusterRole the operator needs.
@@ -49,10 +50,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from clipline_operator import simulate
 
-    png: Path | None = Path(args.png) if args.png else _repo_root() / "docs" / "autoscaler.png"
+    default_png = "autoscaler.png" if args.scenario == "default" else "autoscaler-multigpu.png"
+    png: Path | None = Path(args.png) if args.png else _repo_root() / "docs" / default_png
     if args.no_png:
         png = None
-    summary, _ = simulate.run_default(png=png)
+    summary, _ = simulate.run_default(png=png, scenario=simulate.SCENARIOS[args.scenario]())
     shown = png
     if png is not None and png.resolve().is_relative_to(_repo_root()):
         shown = png.resolve().relative_to(_repo_root())
@@ -106,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=_cmd_run)
     sim = sub.add_parser("simulate", help="closed-loop autoscaler simulation")
+    sim.add_argument(
+        "--scenario",
+        choices=("default", "multi-gpu"),
+        default="default",
+        help="two one-GPU nodes (default) or a four-GPU node with a slow GPU beside one",
+    )
     sim.add_argument("--png", default=None, help="where to write the picture")
     sim.add_argument("--json", action="store_true", help="print the JSON summary")
     sim.add_argument("--no-png", action="store_true", help="skip the picture")

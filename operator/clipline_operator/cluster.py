@@ -2,8 +2,9 @@
 
 :class:`KubeApi` is a small aiohttp client over the REST API using kopf's public login
 helpers for credentials (in-cluster service account first, then ``KUBECONFIG``). It
-offers exactly what the reconciler needs (:class:`Cluster`): list the GPU nodes, list,
-create-or-patch, scale and delete the owned workloads. Every API failure raises
+offers exactly what the reconciler needs (:class:`Cluster`): list the GPU nodes (with
+their allocatable GPUs), list, create-or-patch, scale and delete the owned workloads
+(Deployments and the workers' PodDisruptionBudget). Every API failure raises
 :class:`KubeApiError`, whose ``temporary`` flag tells the handlers whether to retry
 (conflicts, throttling, server errors, network trouble) or give up (bad requests,
 forbidden, invalid objects).
@@ -49,11 +50,15 @@ class KubeApiError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class NodeInfo:
+    """What the reconciler reads of a node (``allocatable``: its allocatable resources,
+    e.g. ``nvidia.com/gpu`` or a MIG profile, as strings)."""
+
     name: str
     labels: Mapping[str, str]
     allocatable_cpu: str | None
     ready: bool
     unschedulable: bool
+    allocatable: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Cluster(Protocol):
@@ -86,7 +91,11 @@ def _collection_path(api_version: str, plural: str, namespace: str | None) -> st
     return f"{base}/{plural}"
 
 
-_PLURALS = {"Deployment": "deployments", "DaemonSet": "daemonsets", "Node": "nodes"}
+_PLURALS = {
+    "Deployment": "deployments",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "Node": "nodes",
+}
 
 
 def object_path(obj: Mapping[str, Any]) -> str:
@@ -183,13 +192,15 @@ class KubeApi:
                 continue
             status = item.get("status", {})
             conditions = {c.get("type"): c.get("status") for c in status.get("conditions", [])}
+            allocatable = {str(k): str(v) for k, v in (status.get("allocatable") or {}).items()}
             out.append(
                 NodeInfo(
                     name=meta["name"],
                     labels=dict(meta.get("labels") or {}),
-                    allocatable_cpu=(status.get("allocatable") or {}).get("cpu"),
+                    allocatable_cpu=allocatable.get("cpu"),
                     ready=conditions.get("Ready", "True") == "True",
                     unschedulable=bool(item.get("spec", {}).get("unschedulable")),
+                    allocatable=allocatable,
                 )
             )
         return sorted(out, key=lambda n: n.name)

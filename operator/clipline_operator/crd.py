@@ -28,6 +28,9 @@ API_VERSION: Final = f"{constants.CRD_GROUP}/{constants.CRD_VERSION}"
 BACKENDS: Final = constants.BACKENDS
 #: Key of the callback signing secret in ``spec.callbacks.secretRef``'s Secret by default.
 CALLBACK_SECRET_KEY: Final = "secret"
+#: Keys of the object store's credentials in ``spec.artifacts.secretRef``'s Secret by default.
+ACCESS_KEY_ID_KEY: Final = "AWS_ACCESS_KEY_ID"
+SECRET_ACCESS_KEY_KEY: Final = "AWS_SECRET_ACCESS_KEY"
 #: Placeholders a ``prometheus.selector`` or ``utilizationQuery`` may use.
 QUERY_PLACEHOLDERS: Final = ("{namespace}", "{name}", "{selector}", "{window}")
 
@@ -35,6 +38,14 @@ DEFAULT_NODE_SELECTOR: Final = {"nvidia.com/gpu.present": "true"}
 DEFAULT_TOLERATIONS: Final = [
     {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 ]
+#: The extended resource each GPU daemon requests by default (one GPU each).
+DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
+#: Where a weights volume is mounted (read-only) by default: CLIPLINE_WEIGHTS_DIR.
+DEFAULT_WEIGHTS_MOUNT: Final = "/var/lib/clipline/weights"
+#: Most GPU daemons one node runs (8 GPUs x 7 MIG slices fit).
+MAX_DAEMONS_PER_NODE: Final = 64
+#: Volume names the operator's pods use itself (extraVolumes must pick others).
+RESERVED_VOLUMES: Final = ("arena", "tmp", "weights")
 DEFAULT_PROMETHEUS_URL: Final = "http://prometheus-operated.monitoring.svc:9090"
 DEFAULT_SELECTOR: Final = 'namespace="{namespace}"'
 MAX_ARENA_BYTES: Final = 64 * 1024**3
@@ -97,6 +108,188 @@ _ENV_VAR: Final = {
 }
 
 
+_FREE_OBJECT: Final = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+_STRING_MAP: Final = {"type": "object", "additionalProperties": {"type": "string"}}
+_NAME_253: Final = {"type": "string", "minLength": 1, "maxLength": 253}
+
+_POD_ENV_VAR: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "x-kubernetes-validations": [
+        {
+            "rule": "!self.name.startsWith('CLIPLINE_')",
+            "message": "CLIPLINE_* settings go in spec.extraEnv",
+        },
+        {
+            "rule": "has(self.value) != has(self.valueFrom)",
+            "message": "set exactly one of value and valueFrom",
+        },
+    ],
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "pattern": r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"},
+        "value": {"type": "string"},
+        "valueFrom": dict(
+            _FREE_OBJECT, description="A core/v1 EnvVarSource (secretKeyRef, fieldRef, ...)."
+        ),
+    },
+}
+
+_VOLUME: Final = {
+    "type": "object",
+    "required": ["name"],
+    "x-kubernetes-preserve-unknown-fields": True,
+    "description": "A core/v1 Volume (name plus one volume source).",
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+    },
+}
+
+_VOLUME_MOUNT: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "mountPath"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "mountPath": {"type": "string", "pattern": r"^/"},
+        "subPath": {"type": "string"},
+        "readOnly": {"type": "boolean"},
+    },
+}
+
+
+def _pod_schema(who: str) -> dict[str, JSON]:
+    """Scheduling and extras of the pods of ``who`` (the GPU daemons or the workers).
+
+    Every field defaults to empty (nothing added), so the chart's values show them all.
+    """
+    optional_name = {"type": "string", "maxLength": 253, "default": ""}
+    return {
+        "runtimeClassName": dict(
+            optional_name, description=f"RuntimeClass of {who} pods (e.g. nvidia); empty: none."
+        ),
+        "priorityClassName": dict(
+            optional_name, description=f"PriorityClass of {who} pods; empty: none."
+        ),
+        "affinity": {
+            "type": "object",
+            "additionalProperties": False,
+            "default": {},
+            "description": (
+                f"Affinity of {who} pods, added to the operator's pin to the node: "
+                "required node terms are ANDed with it, the rest is kept as given."
+            ),
+            "properties": {
+                "nodeAffinity": _FREE_OBJECT,
+                "podAffinity": _FREE_OBJECT,
+                "podAntiAffinity": _FREE_OBJECT,
+            },
+        },
+        "podAnnotations": dict(
+            _STRING_MAP, default={}, description=f"Extra annotations of {who} pods."
+        ),
+        "podLabels": dict(
+            _STRING_MAP,
+            default={},
+            description=f"Extra labels of {who} pods (the operator's own labels win).",
+        ),
+        "env": {
+            "type": "array",
+            "maxItems": 64,
+            "items": _POD_ENV_VAR,
+            "default": [],
+            "description": (
+                f"Extra environment of the {who} container (not CLIPLINE_*: those are "
+                "extraEnv), e.g. NCCL_* or TORCH_* variables."
+            ),
+        },
+        "extraVolumes": {
+            "type": "array",
+            "maxItems": 32,
+            "items": _VOLUME,
+            "default": [],
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.all(v, !(v.name in " + str(list(RESERVED_VOLUMES)) + "))",
+                    "message": "volume names arena, tmp and weights are the operator's",
+                },
+                {
+                    "rule": "self.all(v, self.exists_one(w, w.name == v.name))",
+                    "message": "volume names must be unique",
+                },
+            ],
+            "description": f"Extra volumes (core/v1 Volume objects) of {who} pods.",
+        },
+        "extraVolumeMounts": {
+            "type": "array",
+            "maxItems": 32,
+            "items": _VOLUME_MOUNT,
+            "default": [],
+            "description": f"Extra volume mounts of the {who} container.",
+        },
+    }
+
+
+#: Rules on a gpu/workers section: every extra mount names one of its extra volumes.
+_POD_RULES: Final = [
+    {
+        "rule": "!has(self.extraVolumeMounts) || self.extraVolumeMounts.all(m, "
+        "has(self.extraVolumes) && self.extraVolumes.exists(v, v.name == m.name))",
+        "message": "every extraVolumeMounts entry must name one of extraVolumes",
+    }
+]
+
+_WEIGHTS: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": (
+        "A volume with the model weights, mounted read-only into the GPU daemons at "
+        "mountPath, which becomes CLIPLINE_WEIGHTS_DIR: exactly one of "
+        "persistentVolumeClaim, hostPath and image."
+    ),
+    "x-kubernetes-validations": [
+        {
+            "rule": "[has(self.persistentVolumeClaim), has(self.hostPath), has(self.image)]"
+            ".filter(x, x).size() == 1",
+            "message": "set exactly one of persistentVolumeClaim, hostPath and image",
+        }
+    ],
+    "properties": {
+        "persistentVolumeClaim": {
+            "type": "object",
+            "required": ["claimName"],
+            "additionalProperties": False,
+            "description": "A PersistentVolumeClaim (same namespace; ReadOnlyMany for many nodes).",
+            "properties": {"claimName": _NAME_253},
+        },
+        "hostPath": {
+            "type": "object",
+            "required": ["path"],
+            "additionalProperties": False,
+            "description": "A directory present on every GPU node.",
+            "properties": {"path": {"type": "string", "pattern": r"^/"}},
+        },
+        "image": {
+            "type": "object",
+            "required": ["reference"],
+            "additionalProperties": False,
+            "description": "An OCI image (or artifact) volume (Kubernetes >= 1.33).",
+            "properties": {
+                "reference": {"type": "string", "minLength": 1, "pattern": r"^[^\s]+$"},
+                "pullPolicy": {"type": "string", "enum": ["Always", "IfNotPresent", "Never"]},
+            },
+        },
+        "subPath": {"type": "string", "description": "Mount only this path of the volume."},
+        "mountPath": {
+            "type": "string",
+            "pattern": r"^/",
+            "default": DEFAULT_WEIGHTS_MOUNT,
+            "description": "Where the daemons see the weights (CLIPLINE_WEIGHTS_DIR).",
+        },
+    },
+}
+
+
 def spec_schema() -> JSON:
     """The OpenAPI v3 schema of ``.spec`` (structural, with defaults)."""
     prometheus = {
@@ -124,9 +317,10 @@ def spec_schema() -> JSON:
                 "type": "string",
                 "maxLength": 2048,
                 "description": (
-                    "Override of the per-node GPU utilization query (0-1). It must "
-                    "return one sample per GPU node labelled `node`; {selector} becomes "
-                    "the label matchers in braces and {window} the range, e.g. 60s."
+                    "Override of the GPU utilization query (0-1). It must return one "
+                    "sample per GPU daemon labelled `node` and `gpu` (a sample without "
+                    "`gpu` counts for every GPU of its node); {selector} becomes the "
+                    "label matchers in braces and {window} the range, e.g. 60s."
                 ),
             },
             "timeoutSeconds": {
@@ -142,11 +336,14 @@ def spec_schema() -> JSON:
         "type": "object",
         "default": {},
         "additionalProperties": False,
-        "description": "Per-node CPU-worker autoscaling from GPU utilization and backlog.",
+        "description": (
+            "CPU-worker autoscaling per GPU daemon from that GPU's utilization and the "
+            "backlog; a node's GPUs share its allocatable CPU."
+        ),
         "x-kubernetes-validations": [
             {
-                "rule": "self.minWorkersPerNode <= self.maxWorkersPerNode",
-                "message": "minWorkersPerNode must not exceed maxWorkersPerNode",
+                "rule": "self.minWorkersPerGpu <= self.maxWorkersPerGpu",
+                "message": "minWorkersPerGpu must not exceed maxWorkersPerGpu",
             }
         ],
         "properties": {
@@ -157,7 +354,7 @@ def spec_schema() -> JSON:
                 "minimum": 0,
                 "maximum": 1,
                 "default": 0.95,
-                "description": "GPU utilization (0-1] the operator holds each node at.",
+                "description": "GPU utilization (0-1] the operator holds each GPU at.",
             },
             "tolerance": {
                 "type": "number",
@@ -166,9 +363,9 @@ def spec_schema() -> JSON:
                 "default": 0.03,
                 "description": "No scale-up while utilization >= target - tolerance.",
             },
-            "minWorkersPerNode": _int(0, 1000, 1, "Fewest worker pods per GPU node."),
-            "maxWorkersPerNode": _int(1, 1000, 16, "Most worker pods per GPU node."),
-            "periodSeconds": _int(1, 3600, 30, "How often each node is evaluated."),
+            "minWorkersPerGpu": _int(0, 1000, 1, "Fewest worker pods per GPU daemon."),
+            "maxWorkersPerGpu": _int(1, 1000, 16, "Most worker pods per GPU daemon."),
+            "periodSeconds": _int(1, 3600, 30, "How often each GPU is evaluated."),
             "windowSeconds": _int(1, 3600, 60, "Range over which utilization is averaged."),
             "scaleUpStabilizationSeconds": _int(
                 0, 3600, 30, "Scale up only to the lowest recommendation of this window."
@@ -176,8 +373,8 @@ def spec_schema() -> JSON:
             "scaleDownStabilizationSeconds": _int(
                 0, 3600, 300, "Scale down only to the highest recommendation of this window."
             ),
-            "maxStepUp": _int(1, 1000, 4, "Most pods added to one node per period."),
-            "maxStepDown": _int(1, 1000, 1, "Most pods removed from one node per period."),
+            "maxStepUp": _int(1, 1000, 4, "Most pods added to one GPU's workers per period."),
+            "maxStepDown": _int(1, 1000, 1, "Most pods removed from one GPU's workers per period."),
             "prometheus": prometheus,
         },
     }
@@ -262,6 +459,43 @@ def spec_schema() -> JSON:
                     }
                 },
             },
+            "artifacts": {
+                "type": "object",
+                "required": ["secretRef"],
+                "additionalProperties": False,
+                "description": (
+                    "Credentials of the S3-compatible store the workers put the clips in "
+                    "(CLIPLINE_S3_ACCESS_KEY_ID and CLIPLINE_S3_SECRET_ACCESS_KEY from the "
+                    "Secret; the GPU daemon does not get them). The store itself is named "
+                    "in extraEnv (CLIPLINE_ARTIFACT_STORE=s3, CLIPLINE_S3_BUCKET, ...). "
+                    "Without it the workers use the AWS_* environment or the pod's identity."
+                ),
+                "properties": {
+                    "secretRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "description": "Secret (same namespace) holding the access key pair.",
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1, "maxLength": 253},
+                            "accessKeyIdKey": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": 253,
+                                "pattern": r"^[-._a-zA-Z0-9]+$",
+                                "default": ACCESS_KEY_ID_KEY,
+                            },
+                            "secretAccessKeyKey": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": 253,
+                                "pattern": r"^[-._a-zA-Z0-9]+$",
+                                "default": SECRET_ACCESS_KEY_KEY,
+                            },
+                        },
+                    }
+                },
+            },
             "models": {
                 "type": "object",
                 "default": {},
@@ -293,8 +527,20 @@ def spec_schema() -> JSON:
                         "maximum": 10000,
                         "default": 5,
                     },
-                    "weightsDir": {"type": "string"},
+                    "weightsDir": {
+                        "type": "string",
+                        "description": (
+                            "CLIPLINE_WEIGHTS_DIR for weights inside the image (else see weights)."
+                        ),
+                    },
+                    "weights": _WEIGHTS,
                 },
+                "x-kubernetes-validations": [
+                    {
+                        "rule": "!(has(self.weights) && has(self.weightsDir))",
+                        "message": "set weights or weightsDir, not both",
+                    }
+                ],
             },
             "sharedMemory": {
                 "type": "object",
@@ -316,6 +562,12 @@ def spec_schema() -> JSON:
                 "type": "object",
                 "default": {},
                 "additionalProperties": False,
+                "description": (
+                    "The GPU nodes and their GPU daemons: one daemon (a Deployment of one "
+                    "pod) per GPU or MIG slice of each node, each with its own arena and "
+                    "its own autoscaled workers."
+                ),
+                "x-kubernetes-validations": _POD_RULES,
                 "properties": {
                     "nodeSelector": {
                         "type": "object",
@@ -328,6 +580,7 @@ def spec_schema() -> JSON:
                         "type": "array",
                         "items": _TOLERATION,
                         "default": copy.deepcopy(DEFAULT_TOLERATIONS),
+                        "description": "Tolerations of the GPU daemon and worker pods.",
                     },
                     "device": {
                         "type": "string",
@@ -335,15 +588,65 @@ def spec_schema() -> JSON:
                         "default": "cuda",
                     },
                     "resources": _resources({"cpu": "1", "memory": "4Gi"}, {"memory": "16Gi"}),
+                    "resourceName": {
+                        "type": "string",
+                        "maxLength": 253,
+                        "pattern": r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-a-zA-Z0-9_.]+)?$",
+                        "default": DEFAULT_GPU_RESOURCE,
+                        "description": (
+                            "Extended resource each GPU daemon requests (nvidia.com/gpu, "
+                            "nvidia.com/mig-1g.10gb, ...). Empty: none; daemon i then gets "
+                            "NVIDIA_VISIBLE_DEVICES of its own GPUs (set daemonsPerNode)."
+                        ),
+                    },
+                    "resourceCount": _int(
+                        1, 16, 1, "Units of resourceName per GPU daemon (request and limit)."
+                    ),
+                    "daemonsPerNode": _int(
+                        0,
+                        MAX_DAEMONS_PER_NODE,
+                        0,
+                        "GPU daemons per node. 0: the node's allocatable resourceName "
+                        "divided by resourceCount (at least 1).",
+                    ),
+                    "startupSeconds": _int(
+                        10,
+                        7200,
+                        1800,
+                        "How long a GPU daemon may warm up (compile, TensorRT engines) "
+                        "before its startup probe gives up.",
+                    ),
+                    **_pod_schema("GPU daemon"),
                 },
             },
             "workers": {
                 "type": "object",
                 "default": {},
                 "additionalProperties": False,
+                "description": "The CPU workers of each GPU daemon (pinned to its node).",
+                "x-kubernetes-validations": _POD_RULES,
                 "properties": {
                     "concurrency": _int(1, 64, 2, "Celery prefork children per worker pod."),
                     "resources": _resources({"cpu": "1", "memory": "1Gi"}, {"memory": "2Gi"}),
+                    "podDisruptionBudget": {
+                        "type": "object",
+                        "default": {},
+                        "additionalProperties": False,
+                        "description": (
+                            "A PodDisruptionBudget over all of the pipeline's worker pods."
+                        ),
+                        "properties": {
+                            "enabled": {"type": "boolean", "default": True},
+                            "maxUnavailable": {
+                                "anyOf": [{"type": "integer"}, {"type": "string"}],
+                                "pattern": r"^[0-9]+%?$",
+                                "x-kubernetes-int-or-string": True,
+                                "default": "25%",
+                                "description": "Most worker pods down at once (count or %).",
+                            },
+                        },
+                    },
+                    **_pod_schema("worker"),
                 },
             },
             "extraEnv": {
@@ -376,6 +679,7 @@ def status_schema() -> JSON:
         "properties": {
             "time": {"type": "string"},
             "node": {"type": "string"},
+            "gpu": {"type": "integer"},
             "direction": {"type": "string", "enum": ["up", "down", "hold"]},
             "from": {"type": "integer"},
             "to": {"type": "integer"},
@@ -383,11 +687,12 @@ def status_schema() -> JSON:
             "message": {"type": "string"},
         },
     }
-    node = {
+    daemon = {
         "type": "object",
-        "required": ["name"],
+        "required": ["gpu"],
         "properties": {
-            "name": {"type": "string"},
+            "gpu": {"type": "integer"},
+            "daemonDeployment": {"type": "string"},
             "deployment": {"type": "string"},
             "utilization": {"type": "number", "nullable": True},
             "slotWaitRatio": {"type": "number", "nullable": True},
@@ -406,12 +711,26 @@ def status_schema() -> JSON:
             },
         },
     }
+    node = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string"},
+            "gpus": {"type": "integer"},
+            "currentWorkers": {"type": "integer"},
+            "readyWorkers": {"type": "integer"},
+            "desiredWorkers": {"type": "integer"},
+            "maxWorkers": {"type": "integer"},
+            "daemons": {"type": "array", "items": daemon},
+        },
+    }
     return {
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": True,
         "properties": {
             "observedGeneration": {"type": "integer"},
             "gpuNodes": {"type": "integer"},
+            "gpus": {"type": "integer"},
             "totalWorkers": {"type": "integer"},
             "queueDepth": {"type": "number", "nullable": True},
             "lastEvaluationTime": {"type": "string"},
@@ -453,6 +772,7 @@ def build_crd() -> JSON:
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
                         {"name": "Nodes", "type": "integer", "jsonPath": ".status.gpuNodes"},
+                        {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpus"},
                         {"name": "Workers", "type": "integer", "jsonPath": ".status.totalWorkers"},
                         {
                             "name": "Target",
@@ -482,7 +802,7 @@ def build_crd() -> JSON:
                             "type": "object",
                             "description": (
                                 "A clipline installation on GPU nodes: one GPU daemon per "
-                                "node and an autoscaled CPU-worker Deployment per node."
+                                "GPU (or MIG slice) and autoscaled CPU workers per daemon."
                             ),
                             "required": ["spec"],
                             "properties": {
@@ -576,6 +896,44 @@ def json_schema() -> JSON:
     return out
 
 
+def _pod_problems(spec: Mapping[str, Any]) -> list[str]:
+    """The CEL rules of the weights volume and of the pods' extras, in Python."""
+    problems: list[str] = []
+    models = spec["models"]
+    weights = models.get("weights")
+    if weights is not None:
+        sources = [k for k in ("persistentVolumeClaim", "hostPath", "image") if k in weights]
+        if len(sources) != 1:
+            problems.append(
+                "spec.models.weights: set exactly one of persistentVolumeClaim, hostPath and image"
+            )
+        if "weightsDir" in models:
+            problems.append("spec.models: set weights or weightsDir, not both")
+    for part in ("gpu", "workers"):
+        section = spec[part]
+        for item in section.get("env") or []:
+            if item["name"].startswith("CLIPLINE_"):
+                problems.append(
+                    f"spec.{part}.env: {item['name']}: CLIPLINE_* settings go in spec.extraEnv"
+                )
+            if ("value" in item) == ("valueFrom" in item):
+                problems.append(
+                    f"spec.{part}.env: {item['name']}: set exactly one of value and valueFrom"
+                )
+        names = [v["name"] for v in section.get("extraVolumes") or []]
+        for name in sorted(set(names) & set(RESERVED_VOLUMES)):
+            problems.append(f"spec.{part}.extraVolumes: {name!r} is the operator's volume")
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"spec.{part}.extraVolumes: {name!r} appears twice")
+        for mount in section.get("extraVolumeMounts") or []:
+            if mount["name"] not in names:
+                problems.append(
+                    f"spec.{part}.extraVolumeMounts: no volume {mount['name']!r} in "
+                    f"spec.{part}.extraVolumes"
+                )
+    return problems
+
+
 class SpecError(ValueError):
     """A ClipPipeline spec the operator cannot act on (a permanent error)."""
 
@@ -595,8 +953,9 @@ def validate_spec(spec: Mapping[str, Any], *, name: str = "clipline") -> JSON:
     full = with_defaults(spec)
     if not problems:
         scaling = full["autoscaling"]
-        if scaling["minWorkersPerNode"] > scaling["maxWorkersPerNode"]:
-            problems.append("spec.autoscaling: minWorkersPerNode must not exceed maxWorkersPerNode")
+        if scaling["minWorkersPerGpu"] > scaling["maxWorkersPerGpu"]:
+            problems.append("spec.autoscaling: minWorkersPerGpu must not exceed maxWorkersPerGpu")
+        problems.extend(_pod_problems(full))
         shm = full["sharedMemory"]
         if shm["slots"] * shm["slotBytes"] > MAX_ARENA_BYTES:
             problems.append("spec.sharedMemory: the arena (slots x slotBytes) exceeds 64 GiB")

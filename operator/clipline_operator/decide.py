@@ -7,7 +7,9 @@ Why not HPA/KEDA: their rule ``ceil(current x metric / target)`` on GPU utilizat
 would *remove* CPU feeders when the GPU starves. Here utilization is read the other way
 round: the GPU is fed by ``current x (1 - slot_wait_ratio)`` worker-equivalents (a
 worker blocked on a full arena feeds nothing), so holding the GPU at the target needs
-``ceil(effective x target / utilization)`` workers. Per period, per node:
+``ceil(effective x target / utilization)`` workers. Per period, per GPU daemon (a node
+with N GPUs runs N daemons, each fed by its own workers; :func:`decide` decides one of
+them from that GPU's utilization, :func:`decide_node` all of a node's):
 
 1. Prometheus down, utilization or queue depth missing/NaN: **hold** (never scale to
    zero on missing data); only the min/max bounds are enforced.
@@ -19,13 +21,21 @@ worker blocked on a full arena feeds nothing), so holding the GPU at the target 
 4. Utilization at target: recommend ``min(current, ceil(effective x target /
    utilization))``, i.e. shed the feeders that only wait for free slots.
 
-The raw recommendation is clamped to ``[min, min(max, cpu_cap)]`` and stabilized like
+The raw recommendation is clamped to ``[min, min(max, cpu_cap)]`` (per GPU) and stabilized like
 HPA's ``behavior``: scale up only to the lowest recommendation of the last
 ``scaleUpStabilizationSeconds``, scale down only to the highest of the last
 ``scaleDownStabilizationSeconds`` (both windows include their boundary and the current
 recommendation; an empty history is seeded with the current size, so a restarted
 operator never scales down at once); finally at most ``maxStepUp``/``maxStepDown`` per
 period. Scale-ups also wait while pods of the previous step are not ready yet.
+
+A node's GPU daemons share its allocatable CPU (``cpu_cap`` of :func:`decide_node`):
+when their decisions together ask for more worker pods than fit, the budget is filled
+level by level (max-min fairness: every daemon gets up to the same count, a daemon
+that wants less keeps its share free for the others; leftover pods go to the daemons
+with the fewest, lowest index first), never taking a daemon below what it keeps this
+period anyway (its current size less ``maxStepDown``) unless those floors alone exceed
+the budget. A slow GPU, satisfied with fewer feeders, so leaves CPU to the fast ones.
 """
 
 from __future__ import annotations
@@ -94,8 +104,8 @@ class Policy:
         return cls(
             target=float(autoscaling["targetGpuUtilization"]),
             tolerance=float(autoscaling["tolerance"]),
-            min_workers=int(autoscaling["minWorkersPerNode"]),
-            max_workers=int(autoscaling["maxWorkersPerNode"]),
+            min_workers=int(autoscaling["minWorkersPerGpu"]),
+            max_workers=int(autoscaling["maxWorkersPerGpu"]),
             max_step_up=int(autoscaling["maxStepUp"]),
             max_step_down=int(autoscaling["maxStepDown"]),
             up_window_s=float(autoscaling["scaleUpStabilizationSeconds"]),
@@ -106,10 +116,10 @@ class Policy:
 
 @dataclasses.dataclass(frozen=True)
 class Observation:
-    """What one node looks like this period.
+    """What one GPU daemon and its workers look like this period.
 
-    ``utilization``: GPU busy ratio over the window (None: no data). ``queue_depth``:
-    jobs waiting in the queue (shared by all nodes; None: no data). ``slot_wait_ratio``:
+    ``utilization``: the GPU's busy ratio over the window (None: no data). ``queue_depth``:
+    jobs waiting in the queue (shared by all daemons; None: no data). ``slot_wait_ratio``:
     fraction of worker time spent waiting for a free arena slot (None counts as 0: the
     histogram has no series before the first wait). ``prometheus_ok``: False when the
     Prometheus API could not be queried at all.
@@ -228,7 +238,7 @@ def decide(
     history: Sequence[Recommendation],
     now: float,
 ) -> Decision:
-    """Decide one node's worker count for this period (see the module docstring)."""
+    """Decide one GPU daemon's worker count for this period (see the module docstring)."""
     current = max(0, int(obs.current))
     keep = max(policy.up_window_s, policy.down_window_s)
     past = _prune(history, now, keep)
@@ -305,6 +315,79 @@ def decide(
         limited_by=limited_by,
         history=tuple(recs),
     )
+
+
+def share_budget(wanted: Sequence[int], floors: Sequence[int], budget: int | None) -> list[int]:
+    """Worker pods per daemon within ``budget`` (see the module docstring).
+
+    ``wanted[i]``: what daemon *i*'s own decision asks for; ``floors[i]`` (at most
+    ``wanted[i]``): what it keeps whatever the others want. Pure and deterministic.
+    """
+    want = [max(0, int(w)) for w in wanted]
+    if budget is None or sum(want) <= budget:
+        return want
+    budget = max(0, int(budget))
+    keep = [min(max(0, int(f)), w) for f, w in zip(floors, want, strict=True)]
+    if sum(keep) > budget:
+        keep = [0] * len(want)
+
+    def filled(level: int) -> list[int]:
+        return [min(w, max(k, level)) for w, k in zip(want, keep, strict=True)]
+
+    low, high = 0, max(want)
+    while low < high:  # the highest level whose allocation fits
+        mid = (low + high + 1) // 2
+        if sum(filled(mid)) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    out = filled(low)
+    left = budget - sum(out)
+    for i in sorted(range(len(out)), key=lambda j: (out[j], j)):
+        if left <= 0:
+            break
+        if out[i] < want[i]:
+            out[i] += 1
+            left -= 1
+    return out
+
+
+def decide_node(
+    gpus: Sequence[Observation],
+    policy: Policy,
+    histories: Sequence[Sequence[Recommendation]],
+    now: float,
+    cpu_cap: int | None = None,
+) -> tuple[Decision, ...]:
+    """Decide every GPU daemon of one node: :func:`decide` per daemon (each bounded by
+    the node's ``cpu_cap`` alone), then :func:`share_budget` of ``cpu_cap`` among them."""
+    own = [
+        decide(dataclasses.replace(obs, cpu_cap=cpu_cap), policy, history, now)
+        for obs, history in zip(gpus, histories, strict=True)
+    ]
+    wanted = [d.desired for d in own]
+    floors = [min(d.desired, max(d.current - policy.max_step_down, 0)) for d in own]
+    shared = share_budget(wanted, floors, cpu_cap)
+    out: list[Decision] = []
+    for d, desired in zip(own, shared, strict=True):
+        if desired == d.desired:
+            out.append(d)
+            continue
+        message = (
+            f"{d.message}; the node's {len(own)} GPU daemons share its CPU "
+            f"({cpu_cap} worker pods): {desired} here"
+        )
+        out.append(
+            dataclasses.replace(
+                d,
+                desired=desired,
+                direction=_direction(d.current, desired),
+                reason=Reason.BOUNDS if desired < d.current <= d.desired else d.reason,
+                message=message,
+                limited_by="AllocatableCPU",
+            )
+        )
+    return tuple(out)
 
 
 def _direction(current: int, desired: int) -> Direction:

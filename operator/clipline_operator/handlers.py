@@ -3,13 +3,13 @@
 Run with ``kopf run -m clipline_operator.handlers --all-namespaces`` or
 ``clipline-operator run``.
 
-* create/resume/update(spec): validate the spec, apply the GPU-daemon DaemonSet and the
-  per-node workers Deployments, record ``Ready``.
+* create/resume/update(spec): validate the spec, apply one daemon Deployment per GPU of
+  every GPU node and one workers Deployment per daemon, record ``Ready``.
 * a timer per ClipPipeline ticks every ``CLIPLINE_OPERATOR_TICK_SECONDS`` (default 5)
   and, once ``spec.autoscaling.periodSeconds`` have passed since
-  ``status.lastEvaluationTime``, re-syncs the objects (nodes joining or leaving the
-  selector), runs one autoscaling period, records the status and emits one Event per
-  change.
+  ``status.lastEvaluationTime``, re-syncs the objects (nodes joining, leaving the
+  selector or cordoned, GPUs appearing or going), runs one autoscaling period, records
+  the status and emits one Event per change.
 
 Production settings (``configure``): server- and client-side watch timeouts so a silent
 connection never stops the watch; peering through a ``ClusterKopfPeering`` named by
@@ -160,19 +160,20 @@ def _pipeline_or_status(
 
 
 def _announce_sync(body: kopf.Body, sync: reconcile.SyncResult) -> None:
-    for node in sync.created:
+    for node, gpu in sync.created:
         kopf.event(
             body,
             type="Normal",
             reason="WorkersCreated",
-            message=f"workers Deployment for node {node}",
+            message=f"GPU daemon and workers Deployments for node {node} GPU {gpu}",
         )
-    for node in sync.deleted:
+    for node, gpu in sync.deleted:
+        why = "is cordoned" if node in sync.cordoned else "left the selector or has fewer GPUs"
         kopf.event(
             body,
             type="Normal",
             reason="WorkersDeleted",
-            message=f"node {node} left the GPU node selector",
+            message=f"node {node} GPU {gpu}: daemon and workers removed (the node {why})",
         )
 
 
@@ -239,8 +240,8 @@ async def autoscale_pipeline(
             body,
             type="Normal",
             reason="ScaledUp" if d.direction == "up" else "ScaledDown",
-            message=f"node {change.node}: workers {d.current} -> {d.desired} ({d.reason}: "
-            f"{d.message})",
+            message=f"node {change.node} GPU {change.gpu}: workers {d.current} -> {d.desired} "
+            f"({d.reason}: {d.message})",
         )
     was_active = next(
         (c.get("status") for c in status.get("conditions") or [] if c["type"] == "ScalingActive"),
@@ -249,4 +250,4 @@ async def autoscale_pipeline(
     now_active = next(c for c in new_status["conditions"] if c["type"] == "ScalingActive")
     if now_active["status"] == "False" and was_active != "False":
         kopf.event(body, type="Warning", reason=now_active["reason"], message=now_active["message"])
-    logger.debug(f"autoscaled: {[(n.node, n.decision.reason) for n in scaled.nodes]}")
+    logger.debug(f"autoscaled: {[(d.node, d.gpu, d.decision.reason) for d in scaled.daemons]}")

@@ -1,8 +1,10 @@
 """Prometheus HTTP API queries for the autoscaler, with explicit "no data"/"down" results.
 
 :func:`build_queries` turns a pipeline's ``spec.autoscaling.prometheus`` into three
-PromQL instant queries (per-node GPU utilization averaged over the window, the queue
-depth, per-node seconds-per-second spent waiting for arena slots); :class:`PromClient`
+PromQL instant queries (GPU utilization per GPU daemon averaged over the window, the
+queue depth, seconds-per-second spent waiting for arena slots per GPU daemon's workers;
+a daemon is its ``node`` and ``gpu`` labels, ``gpu`` coming from the pods' label
+``clipline.dev/gpu``); :class:`PromClient`
 runs them against ``/api/v1/query``; :func:`observe` combines the answers into an
 :class:`Observations` whose ``ok`` is False when Prometheus could not be asked at all
 (connection refused, timeout, HTTP or API error). Missing series are ``None`` and NaN
@@ -23,10 +25,14 @@ from clipline_core import constants
 from clipline_core.constants import Metric
 
 NODE_LABEL: Final = constants.LABEL_NODE_METRIC
+GPU_LABEL: Final = constants.LABEL_GPU_METRIC
 #: ``{selector}`` becomes the label matchers in braces, ``{window}`` e.g. ``60s``.
 DEFAULT_UTILIZATION_QUERY: Final = (
-    f"avg by ({NODE_LABEL}) (avg_over_time({Metric.GPU_UTILIZATION_RATIO}{{selector}}[{{window}}]))"
+    f"avg by ({NODE_LABEL}, {GPU_LABEL}) "
+    f"(avg_over_time({Metric.GPU_UTILIZATION_RATIO}{{selector}}[{{window}}]))"
 )
+#: A GPU daemon: ``(node, gpu index)``.
+Daemon = tuple[str, int]
 
 
 class PromError(Exception):
@@ -56,9 +62,10 @@ def build_queries(
     braces = "{" + selector + "}"
     utilization_tpl = prometheus.get("utilizationQuery") or DEFAULT_UTILIZATION_QUERY
     utilization = _fmt(utilization_tpl, selector=braces, window=window)
-    queue_depth = f"sum(max by ({constants.LABEL_PRIORITY}) ({Metric.QUEUE_DEPTH}{braces}))"
+    queue_depth = f"sum(max by ({constants.LABEL_PRIORITY}) ({Metric.BACKLOG_JOBS}{braces}))"
     slot_wait = (
-        f"sum by ({NODE_LABEL}) (rate({Metric.SHM_RESERVE_WAIT_SECONDS}_sum{braces}[{window}]))"
+        f"sum by ({NODE_LABEL}, {GPU_LABEL}) "
+        f"(rate({Metric.SHM_RESERVE_WAIT_SECONDS}_sum{braces}[{window}]))"
     )
     return Queries(utilization=utilization, queue_depth=queue_depth, slot_wait=slot_wait)
 
@@ -115,32 +122,55 @@ def _num(raw: Any) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Observations:
-    """One round of queries for a pipeline."""
+    """One round of queries for a pipeline.
+
+    ``utilization`` and ``slot_wait_s`` are keyed by ``(node, gpu)``; a series without a
+    ``gpu`` label (a scrape that does not add it, a single-GPU setup) is keyed
+    ``(node, None)`` and counts for every GPU daemon of its node without its own series.
+    """
 
     ok: bool
     error: str | None = None
-    utilization: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    utilization: Mapping[tuple[str, int | None], float] = dataclasses.field(default_factory=dict)
     queue_depth: float | None = None
-    slot_wait_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    slot_wait_s: Mapping[tuple[str, int | None], float] = dataclasses.field(default_factory=dict)
     queries: Queries | None = None
 
-    def node_utilization(self, node: str) -> float | None:
-        return self.utilization.get(node)
+    @staticmethod
+    def _lookup(
+        values: Mapping[tuple[str, int | None], float], node: str, gpu: int
+    ) -> float | None:
+        if (node, gpu) in values:
+            return values[(node, gpu)]
+        return values.get((node, None))
 
-    def slot_wait_ratio(self, node: str, worker_processes: int) -> float:
+    def gpu_utilization(self, node: str, gpu: int = 0) -> float | None:
+        """GPU daemon ``gpu`` of ``node``'s utilization (None: no series)."""
+        return self._lookup(self.utilization, node, gpu)
+
+    def slot_wait_ratio(self, node: str, worker_processes: int, gpu: int = 0) -> float:
         """Fraction of worker-process time spent waiting for a slot (0 without series)."""
-        waited = self.slot_wait_s.get(node)
+        waited = self._lookup(self.slot_wait_s, node, gpu)
         if waited is None or not math.isfinite(waited) or worker_processes <= 0:
             return 0.0
         return max(0.0, min(1.0, waited / worker_processes))
 
 
-def _by_node(samples: list[tuple[dict[str, str], float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _gpu_index(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+def _by_daemon(samples: list[tuple[dict[str, str], float]]) -> dict[tuple[str, int | None], float]:
+    out: dict[tuple[str, int | None], float] = {}
     for labels, value in samples:
         node = labels.get(NODE_LABEL)
         if node is not None:
-            out[node] = value
+            out[(node, _gpu_index(labels.get(GPU_LABEL)))] = value
     return out
 
 
@@ -156,8 +186,8 @@ async def observe(client: PromClient, queries: Queries) -> Observations:
         return Observations(ok=False, error=str(exc), queries=queries)
     return Observations(
         ok=True,
-        utilization=_by_node(util),
+        utilization=_by_daemon(util),
         queue_depth=queue[0][1] if queue else None,
-        slot_wait_s=_by_node(wait),
+        slot_wait_s=_by_daemon(wait),
         queries=queries,
     )

@@ -5,9 +5,11 @@ rules and a test compares them. Why each rule exists:
 
 * ``clippipelines`` (+ ``/status``): kopf watches the resources, stores its progress in
   annotations (patch) and the operator writes ``.status``.
-* ``daemonsets``, ``deployments``: the owned workloads (create, replace, scale by
-  patching ``spec.replicas``; delete only for workers of a node that left the selector).
-* ``nodes``: read-only, to find the GPU nodes and their allocatable CPU.
+* ``deployments``: the owned workloads, a GPU daemon and its workers per GPU (create,
+  replace, scale by patching ``spec.replicas``; delete for a node that left the selector
+  or was cordoned, or a GPU the node no longer has).
+* ``poddisruptionbudgets``: the workers' budget (create, replace; delete when disabled).
+* ``nodes``: read-only, to find the GPU nodes, their allocatable CPU and GPUs.
 * ``events``: kopf posts the per-change Events.
 * ``customresourcedefinitions``, ``namespaces``: read-only, kopf's resource and
   namespace discovery.
@@ -41,12 +43,12 @@ def rbac_rules() -> list[dict[str, Any]]:
         },
         {
             "apiGroups": ["apps"],
-            "resources": ["daemonsets"],
-            "verbs": [*READ, "create", "update", "patch"],
+            "resources": ["deployments"],
+            "verbs": [*READ, "create", "update", "patch", "delete"],
         },
         {
-            "apiGroups": ["apps"],
-            "resources": ["deployments"],
+            "apiGroups": ["policy"],
+            "resources": ["poddisruptionbudgets"],
             "verbs": [*READ, "create", "update", "patch", "delete"],
         },
         {"apiGroups": [""], "resources": ["nodes"], "verbs": READ},

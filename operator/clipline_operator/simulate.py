@@ -1,23 +1,27 @@
 """Closed-loop simulation of GPU nodes fed by CPU workers, driven by the real decision.
 
 An event-driven model of what the operator controls. One global job queue (Redis)
-receives chunks at a Poisson rate during the load phase and none afterwards. On every
-node, each worker pod takes a chunk, spends a jittered CPU time on it (fetch, decode,
-preprocess), then needs a free slot in the node's shared-memory arena; when the arena is
-full it blocks (that time is the ``shm_reserve_wait`` the operator sees). The node's GPU
-takes up to ``max_batch`` ready chunks at once, is busy ``overhead + per_item x batch``
-seconds (so bigger batches are cheaper per chunk) and frees the slots when the batch is
-done. New worker pods start producing after a startup delay.
+receives chunks at a Poisson rate during the load phase and none afterwards. A node has
+one or more GPUs, each with its own GPU daemon, shared-memory arena and worker pods (as
+the operator builds them). Each worker pod takes a chunk, spends a jittered CPU time on
+it (fetch, decode, preprocess), then needs a free slot in its GPU's arena; when the
+arena is full it blocks (that time is the ``shm_reserve_wait`` the operator sees). The
+GPU takes up to ``max_batch`` ready chunks at once, is busy ``overhead + per_item x
+batch`` seconds (so bigger batches are cheaper per chunk) and frees the slots when the
+batch is done. New worker pods start producing after a startup delay.
 
-Every ``periodSeconds`` the simulation computes what Prometheus would report (GPU busy
-ratio and slot-wait ratio over ``windowSeconds``, queue depth) and calls
-:func:`clipline_operator.decide.decide` with the policy of a defaulted ClipPipeline spec
-and the recommendation history round-tripped through the status format, exactly as the
-operator does, then applies the decision.
+Every ``periodSeconds`` the simulation computes what Prometheus would report per GPU
+(busy ratio and slot-wait ratio over ``windowSeconds``, queue depth) and calls
+:func:`clipline_operator.decide.decide_node` for each node (its GPUs share the node's
+CPU) with the policy of a defaulted ClipPipeline spec and the recommendation histories
+round-tripped through the status format, exactly as the operator does, then applies the
+decisions.
 
-``clipline-operator simulate`` runs the default scenario (two nodes, one GPU twice as
-fast), writes a PNG of utilization and workers per node and, with ``--json``, prints the
-summary the tests and the README quote.
+``clipline-operator simulate`` runs the default scenario (two one-GPU nodes, one GPU
+twice as fast; ``--scenario multi-gpu``: a node with four GPUs, one of them half as
+fast, beside a one-GPU node), writes a PNG of utilization and workers per GPU and, with
+``--json``, prints the summary the tests and the README quote. A GPU of a one-GPU node is
+named after its node, the others ``<node>/gpu<i>``.
 """
 
 from __future__ import annotations
@@ -30,36 +34,55 @@ import random
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from clipline_operator import crd
 from clipline_operator.decide import (
     Decision,
     Observation,
     Policy,
-    decide,
+    decide_node,
     history_from_status,
     history_to_status,
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class NodeModel:
-    """One GPU node: how fast its GPU serves batches and how fast a worker feeds it."""
+class GpuModel:
+    """One GPU (and its daemon and arena): how fast it serves batches."""
 
-    name: str
     gpu_overhead_s: float = 0.08
     gpu_per_item_s: float = 0.09
     max_batch: int = 8
     slots: int = 32
+
+    @property
+    def capacity(self) -> float:
+        """Chunks per second with full batches."""
+        return self.max_batch / (self.gpu_overhead_s + self.gpu_per_item_s * self.max_batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeModel:
+    """One GPU node: its GPUs and how fast a worker feeds one; its GPUs share the CPU
+    (``allocatable_cpu_workers`` worker pods in all)."""
+
+    name: str
+    gpus: tuple[GpuModel, ...] = (GpuModel(),)
     worker_item_s: float = 1.0
     worker_jitter: float = 0.3  # sigma of the log-normal factor on each chunk's CPU time
     allocatable_cpu_workers: int | None = 60
 
     @property
     def capacity(self) -> float:
-        """Chunks per second with full batches."""
-        return self.max_batch / (self.gpu_overhead_s + self.gpu_per_item_s * self.max_batch)
+        """Chunks per second of all its GPUs with full batches."""
+        return sum(g.capacity for g in self.gpus)
+
+    def daemon_names(self) -> list[str]:
+        """The GPUs' names in the records: the node's for one GPU, else ``<node>/gpu<i>``."""
+        if len(self.gpus) == 1:
+            return [self.name]
+        return [f"{self.name}/gpu{i}" for i in range(len(self.gpus))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +112,27 @@ def default_scenario() -> Scenario:
     return Scenario(
         nodes=(
             NodeModel("gpu-a"),
-            NodeModel("gpu-fast", gpu_overhead_s=0.04, gpu_per_item_s=0.045),
+            NodeModel("gpu-fast", gpus=(GpuModel(gpu_overhead_s=0.04, gpu_per_item_s=0.045),)),
         )
     )
+
+
+#: The slow GPU of :func:`multi_gpu_scenario` (half as fast as the others).
+SLOW_GPU: Final = "gpu-x4/gpu3"
+
+
+def multi_gpu_scenario() -> Scenario:
+    """``gpu-x4``: four GPUs, the last one half as fast, whose daemons share CPU for 36
+    worker pods (an equal split, 9 each, would starve the fast ones); ``gpu-a`` beside it
+    with one GPU."""
+    slow = GpuModel(gpu_overhead_s=0.16, gpu_per_item_s=0.18)
+    quad = (GpuModel(), GpuModel(), GpuModel(), slow)
+    return Scenario(
+        nodes=(NodeModel("gpu-a"), NodeModel("gpu-x4", gpus=quad, allocatable_cpu_workers=36))
+    )
+
+
+SCENARIOS: Final = {"default": default_scenario, "multi-gpu": multi_gpu_scenario}
 
 
 @dataclasses.dataclass
@@ -104,7 +145,11 @@ class _Worker:
 
 @dataclasses.dataclass
 class _Node:
-    model: NodeModel
+    """One GPU daemon: its GPU, arena and workers."""
+
+    model: GpuModel
+    node: NodeModel
+    name: str
     workers: dict[int, _Worker] = dataclasses.field(default_factory=dict)
     ready_items: int = 0  # chunks in the arena waiting for the GPU
     slots_used: int = 0
@@ -150,13 +195,18 @@ class Simulation:
         self.policy = Policy.from_spec(self.scaling)
         self.period_s = float(self.scaling["periodSeconds"])
         self.window_s = float(self.scaling["windowSeconds"])
-        self.nodes = {m.name: _Node(m) for m in scenario.nodes}
+        #: every GPU daemon by name, node by node
+        self.nodes = {
+            name: _Node(gpu, m, name)
+            for m in scenario.nodes
+            for gpu, name in zip(m.gpus, m.daemon_names(), strict=True)
+        }
         self.queue = 0
         self.events: list[tuple[float, int, str, tuple[Any, ...]]] = []
         self.seq = itertools.count()
         self.wids = itertools.count()
         self.now = 0.0
-        self.records: dict[str, list[PeriodRecord]] = {m.name: [] for m in scenario.nodes}
+        self.records: dict[str, list[PeriodRecord]] = {name: [] for name in self.nodes}
         total_capacity = sum(m.capacity for m in scenario.nodes)
         self.arrival_rate = scenario.overload * total_capacity
         self.load_until = scenario.load_periods * self.period_s
@@ -168,7 +218,7 @@ class Simulation:
     def _add_worker(self, node: _Node) -> None:
         w = _Worker(next(self.wids), since=self.now)
         node.workers[w.wid] = w
-        self._at(self.now + self.sc.startup_s, "ready", node.model.name, w.wid, w.epoch)
+        self._at(self.now + self.sc.startup_s, "ready", node.name, w.wid, w.epoch)
 
     def _remove_worker(self, node: _Node) -> None:
         order = {"starting": 0, "idle": 1, "busy": 2, "blocked": 3}
@@ -184,9 +234,9 @@ class Simulation:
         if self.queue > 0:
             self.queue -= 1
             w.state, w.since, w.epoch = "busy", self.now, w.epoch + 1
-            m = node.model
+            m = node.node
             factor = math.exp(self.rng.gauss(-0.5 * m.worker_jitter**2, m.worker_jitter))
-            self._at(self.now + m.worker_item_s * factor, "done", m.name, w.wid, w.epoch)
+            self._at(self.now + m.worker_item_s * factor, "done", node.name, w.wid, w.epoch)
         else:
             w.state, w.since = "idle", self.now
 
@@ -196,7 +246,7 @@ class Simulation:
             node.batch = min(node.ready_items, m.max_batch)
             node.ready_items -= node.batch
             node.gpu_busy_since = self.now
-            self._at(self.now + m.gpu_overhead_s + m.gpu_per_item_s * node.batch, "gpu", m.name)
+            self._at(self.now + m.gpu_overhead_s + m.gpu_per_item_s * node.batch, "gpu", node.name)
 
     def _feed_idle(self) -> None:
         idle = [
@@ -255,49 +305,61 @@ class Simulation:
             self._start_work(node, w)
         self._gpu_kick(node)
 
+    def _observe(self, node: _Node) -> tuple[Observation, float | None, float]:
+        """What Prometheus would report for one GPU daemon now."""
+        busy, wait = node.busy_at(self.now), node.wait_at(self.now)
+        node.samples.append((self.now, busy, wait))
+        # Prometheus-like window: the oldest sample at least window_s old (or the first).
+        base = node.samples[0]
+        for sample in node.samples:
+            if self.now - sample[0] >= self.window_s - 1e-9:
+                base = sample
+        span = self.now - base[0]
+        current = len(node.workers)
+        util = (busy - base[1]) / span if span > 0 else None
+        wait_ratio = (wait - base[2]) / (span * current) if span > 0 and current else 0.0
+        ready = sum(1 for w in node.workers.values() if w.state != "starting")
+        obs = Observation(
+            current=current,
+            utilization=util,
+            queue_depth=float(self.queue),
+            slot_wait_ratio=wait_ratio,
+            ready=ready,
+        )
+        return obs, util, wait_ratio
+
     def _on_period(self, k: int) -> None:
-        for name, node in self.nodes.items():
-            busy, wait = node.busy_at(self.now), node.wait_at(self.now)
-            node.samples.append((self.now, busy, wait))
-            # Prometheus-like window: the oldest sample at least window_s old (or the first).
-            base = node.samples[0]
-            for sample in node.samples:
-                if self.now - sample[0] >= self.window_s - 1e-9:
-                    base = sample
-            span = self.now - base[0]
-            current = len(node.workers)
-            util = (busy - base[1]) / span if span > 0 else None
-            wait_ratio = (wait - base[2]) / (span * current) if span > 0 and current else 0.0
-            ready = sum(1 for w in node.workers.values() if w.state != "starting")
-            obs = Observation(
-                current=current,
-                utilization=util,
-                queue_depth=float(self.queue),
-                slot_wait_ratio=wait_ratio,
-                ready=ready,
-                cpu_cap=node.model.allocatable_cpu_workers,
+        for model in self.sc.nodes:
+            daemons = [self.nodes[name] for name in model.daemon_names()]
+            seen = [self._observe(d) for d in daemons]
+            decisions: tuple[Decision, ...] = decide_node(
+                [obs for obs, _, _ in seen],
+                self.policy,
+                [history_from_status(d.history) for d in daemons],
+                self.now,
+                model.allocatable_cpu_workers,
             )
-            decision: Decision = decide(
-                obs, self.policy, history_from_status(node.history), self.now
-            )
-            node.history = history_to_status(decision.history)
-            self.records[name].append(
-                PeriodRecord(
-                    period=k,
-                    time=self.now,
-                    utilization=float("nan") if util is None else util,
-                    slot_wait_ratio=wait_ratio,
-                    queue_depth=self.queue,
-                    workers=current,
-                    desired=decision.desired,
-                    reason=decision.reason,
-                    load=self.now < self.load_until,
+            for node, (obs, util, wait_ratio), decision in zip(
+                daemons, seen, decisions, strict=True
+            ):
+                node.history = history_to_status(decision.history)
+                self.records[node.name].append(
+                    PeriodRecord(
+                        period=k,
+                        time=self.now,
+                        utilization=float("nan") if util is None else util,
+                        slot_wait_ratio=wait_ratio,
+                        queue_depth=self.queue,
+                        workers=obs.current,
+                        desired=decision.desired,
+                        reason=decision.reason,
+                        load=self.now < self.load_until,
+                    )
                 )
-            )
-            while len(node.workers) < decision.desired:
-                self._add_worker(node)
-            while len(node.workers) > decision.desired:
-                self._remove_worker(node)
+                while len(node.workers) < decision.desired:
+                    self._add_worker(node)
+                while len(node.workers) > decision.desired:
+                    self._remove_worker(node)
         self._feed_idle()
 
     def run(self) -> dict[str, list[PeriodRecord]]:

@@ -26,6 +26,7 @@ import redis
 import uvicorn
 
 from clipline.api.auth import entry, new_key
+from clipline.api.server import server_config
 from clipline.client import Client
 from clipline_core import constants
 from clipline_core.settings import Settings
@@ -68,11 +69,15 @@ def make_keys() -> Keys:
 
 
 class LiveServer:
-    """uvicorn serving an ASGI app in a background thread on a free port."""
+    """uvicorn serving an ASGI app in a background thread on a free port.
 
-    def __init__(self, app: Any) -> None:
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="off"
+    Configured as ``clipline api`` configures it (:func:`clipline.api.server.server_config`:
+    its protocol, timeouts and connection limit), from ``settings``.
+    """
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        config = server_config(
+            settings, app, "127.0.0.1", 0, log_level="warning", access_log=False, lifespan="off"
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
@@ -98,6 +103,7 @@ class Api:
     settings: Settings
     keys: Keys
     app: Any
+    server: LiveServer | None = None
 
     def client(self, key: str | None = None, **kwargs: Any) -> Client:
         return Client(self.url, key or self.keys.full, **kwargs)
@@ -117,10 +123,10 @@ def running_api(settings: Settings, keys: Keys, client: redis.Redis) -> Iterator
     from clipline.api import create_app
 
     app = create_app(settings)
-    server = LiveServer(app)
+    server = LiveServer(app, settings)
     url = server.start()
     try:
-        yield Api(url, settings, keys, app)
+        yield Api(url, settings, keys, app, server)
     finally:
         server.stop()
         app.state.services.close()

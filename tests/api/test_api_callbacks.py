@@ -182,7 +182,8 @@ def test_redacted_drops_query_strings() -> None:
 # ---------------------------------------------------------------------------
 def _queued_callback_messages(client: redis.Redis, deployment: str) -> list[dict[str, Any]]:
     out = []
-    for raw in client.lrange(constants.queue_name(deployment), 0, -1):
+    assert not client.llen(constants.queue_name(deployment))  # never on the jobs queue
+    for raw in client.lrange(constants.callbacks_queue_name(deployment), 0, -1):
         msg = json.loads(raw)
         if msg["headers"]["task"] == constants.CELERY_TASK_DELIVER_CALLBACK:
             out.append({"args": json.loads(base64.b64decode(msg["body"]))[0], "msg": msg})

@@ -254,8 +254,27 @@ def test_cli_submit_job_wait_use_the_api(e2e: Stack, tmp_path: Path) -> None:
     result = json.loads(waited.stdout)
     assert result["state"] == "succeeded" and Path(result["clip"]).stat().st_size > 0
 
+    # submit --wait: the job's way through its stages, plain lines off a terminal.
+    both = run(
+        "submit",
+        f"{e2e.files.url}/footage.avi",
+        "--image",
+        f"{e2e.files.url}/product.jpg",
+        "--duration",
+        "2",
+        "--wait",
+        "--out",
+        str(tmp_path / "clips") + "/",
+    )
+    assert both.returncode == 0, both.stderr
+    lines = both.stdout.splitlines()
+    states = [line.split("] ")[1] for line in lines if line.startswith("  [")]
+    assert states[-1] == "succeeded" and "decoding" in states and "rendering" in states, lines
+    new_id = lines[0].split()[1]
+    assert (tmp_path / "clips" / f"{new_id}.mp4").stat().st_size > 0
+
     bad = run("submit", "http://169.254.169.254/v.mp4", "--image", f"{e2e.files.url}/p.jpg")
     assert bad.returncode == 2 and "forbidden_source" in bad.stderr
     env["CLIPLINE_API_KEY"] = "clk_wrong"
     denied = run("job", job_id)
-    assert denied.returncode == 1 and "unauthenticated" in denied.stderr
+    assert denied.returncode == 2 and "unauthenticated" in denied.stderr

@@ -363,7 +363,7 @@ def test_cancel_enqueues_a_signed_cancelled_event(
     with live_api.client() as api:
         job_id = api.submit(VIDEO, [IMAGE], callback_url=receiver.url + "/hooks/clip").id
         api.cancel(job_id)
-    queue = constants.queue_name(live_api.settings.deployment)
+    queue = constants.callbacks_queue_name(live_api.settings.deployment)
     messages = [json.loads(m) for m in redis_client.lrange(queue, 0, -1)]
     sent = [m for m in messages if m["headers"]["task"] == constants.CELERY_TASK_DELIVER_CALLBACK]
     assert len(sent) == 1
@@ -489,8 +489,11 @@ def test_redis_down_is_503_not_500(
 
 def test_openapi_document_matches_the_committed_one(live_api: Api) -> None:
     """docs/openapi.json is the contract; regenerate with `python -m clipline.api openapi`."""
+    from clipline.api.__main__ import openapi_diff
+
     committed = Path(__file__).parents[2] / "docs" / "openapi.json"
     served = httpx.get(live_api.url + "/openapi.json").json()
+    assert openapi_diff(json.loads(committed.read_text()), served) == []
     assert served == json.loads(committed.read_text())
     ops = served["paths"]
     assert set(ops) >= {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/highlight"}

@@ -65,10 +65,13 @@ def one(objs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[st
 
 
 def pod_templates(objs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """``(owner object, pod template)`` of every workload."""
+    """``(owner object, pod template)`` of every workload; a bare Pod (the ``helm test``
+    hook) is its own template."""
     for obj in objs:
         if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             yield obj, obj["spec"]["template"]
+        elif obj["kind"] == "Pod":
+            yield obj, obj
 
 
 def crds() -> list[dict[str, Any]]:

@@ -1,8 +1,8 @@
 """The operator's reconcile loop without a Kubernetes API server, for the metrics e2e test.
 
 No Kubernetes API server (and so no kube-state-metrics) can run here. This process runs
-the operator's real code: ``reconcile.sync_objects`` builds the GPU-daemon DaemonSet and
-the node's worker Deployment with the real builders, and ``reconcile.autoscale`` queries
+the operator's real code: ``reconcile.sync_objects`` builds the node's GPU-daemon and
+worker Deployments with the real builders, and ``reconcile.autoscale`` queries
 the real Prometheus with the real ``PromClient``, decides with the real policy and records
 ``clipline_autoscaler_*`` in the operator's own registry, served on ``--operator-port``.
 
@@ -141,11 +141,12 @@ async def loop(args: argparse.Namespace, stop: asyncio.Event) -> None:
     while not stop.is_set():
         sync = await reconcile.sync_objects(cluster, pipeline, {})
         result = await reconcile.autoscale(cluster, pipeline, sync, {}, time.time(), client)
-        for node in result.nodes:
+        for node in result.daemons:
             print(
                 json.dumps(
                     {
                         "node": node.node,
+                        "gpu": node.gpu,
                         "direction": node.decision.direction,
                         "reason": node.decision.reason,
                         "desired": node.decision.desired,

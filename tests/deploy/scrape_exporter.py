@@ -1,10 +1,11 @@
 """A stand-in pod for the scrape-label test: one clipline process's real metric objects.
 
 ``python scrape_exporter.py ROLE PORT NODE`` imports the metric objects the named process
-registers (``gpu-daemon``, ``workers``: :mod:`clipline_core.metrics`; ``api``: the job API's;
+registers (``gpu-daemon``, ``workers``, ``api``: :mod:`clipline_core.metrics`;
 ``operator``: :mod:`clipline_operator.metrics`), gives them known values, labelling with
 ``NODE`` exactly where that process does (the daemon's own ``node`` label, the
-operator's GPU node), and serves them on ``127.0.0.1:PORT`` until killed. The workers'
+operator's GPU node), and serves that role's exposition
+(:func:`clipline_core.metrics.exposition`) on ``127.0.0.1:PORT`` until killed. The workers'
 slot-wait histogram keeps growing so that ``rate()`` over it is positive.
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 import sys
 import time
 
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import start_http_server
+
+from clipline_core import metrics as m
 
 WORKER_WAIT_S = 0.05
 WORKER_EVERY_S = 0.1
@@ -21,21 +24,18 @@ WORKER_EVERY_S = 0.1
 
 def main(role: str, port: int, node: str) -> None:
     if role == "gpu-daemon":
-        from clipline_core import metrics as m
-
         m.DEVICE_BUSY.labels(node).set(0.5)
         m.GPU_UTILIZATION.labels(node).set(0.8)
         m.SHM_SLOTS_IN_USE.set(3)
         m.SHM_SLOTS_TOTAL.set(32)
         m.ITEMS_PROCESSED.labels("features", "eager").inc(5)
-        start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
+        start_http_server(port, addr="127.0.0.1", registry=m.exposition(role))
     elif role == "workers":
-        from clipline_core import metrics as m
         from clipline_core.constants import PriorityClass
 
-        m.QUEUE_DEPTH.labels(PriorityClass.HIGH.value).set(4)
-        m.JOBS.labels("succeeded", "").inc()
-        start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
+        m.BACKLOG_JOBS.labels(PriorityClass.HIGH.value).set(4)
+        m.FRAMES_DECODED.inc()
+        start_http_server(port, addr="127.0.0.1", registry=m.exposition(role))
         while True:
             m.SHM_RESERVE_WAIT.observe(WORKER_WAIT_S)
             time.sleep(WORKER_EVERY_S)
@@ -43,7 +43,7 @@ def main(role: str, port: int, node: str) -> None:
         from clipline.api import middleware
 
         middleware.REQUESTS.labels("GET", "/v1/jobs/{job_id}", "200").inc()
-        start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
+        start_http_server(port, addr="127.0.0.1", registry=m.exposition(role))
     elif role == "operator":
         from clipline_operator import metrics as om
 

@@ -3,8 +3,9 @@
 Rendering and linting use Helm's Go SDK (``helm_python``); built-in objects are validated
 with ``kubernetes-validate`` (strict: unknown fields fail) for the oldest supported and a
 current Kubernetes version; the default ClipPipeline is validated with ``jsonschema``
-against the CRD file the chart installs, then turned into the GPU-daemon DaemonSet and
-worker Deployment by the operator's real builders, which must validate too. No Kubernetes
+against the CRD file the chart installs, then turned into the GPU-daemon and worker
+Deployments (one pair per GPU) and the workers' PodDisruptionBudget by the operator's
+real builders, which must validate too. No Kubernetes
 API server runs here, so nothing is applied to a cluster.
 """
 
@@ -168,8 +169,8 @@ def _operator_objects(pipeline: dict[str, Any]) -> list[dict[str, Any]]:
     crd.validate_spec(body["spec"], name=body["metadata"]["name"])
     model = builders.Pipeline.from_body(body)
     return [
-        builders.build_daemonset(model),
-        builders.build_worker_deployment(model, "gpu-node-1.example.internal", 2),
+        builders.build_daemon_deployment(model, "gpu-node-1.example.internal", 0),
+        builders.build_worker_deployment(model, "gpu-node-1.example.internal", 0, 2),
     ]
 
 
@@ -195,7 +196,7 @@ def test_pod_monitor_selects_the_pods_the_operator_creates(
     objs = rendered["monitoring-values"]
     monitor = one(objs, "PodMonitor")
     built = _operator_objects(_pipelines(objs)[0])
-    assert {o["kind"] for o in built} == {"DaemonSet", "Deployment"}
+    assert {o["kind"] for o in built} == {"Deployment"}
     port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
     for obj in built:
         labels = obj["spec"]["template"]["metadata"]["labels"]
@@ -204,9 +205,16 @@ def test_pod_monitor_selects_the_pods_the_operator_creates(
             p["name"] for c in obj["spec"]["template"]["spec"]["containers"] for p in c["ports"]
         ]
         assert port in ports
-    # The API and the operator pods are scraped by the ServiceMonitors, not twice.
+    # The API and the operator pods are scraped by the ServiceMonitors, not twice; the
+    # callback worker (no Service) by the PodMonitor, on its metrics port.
     for _, template in pod_templates(objs):
-        assert not labels_match(monitor["spec"]["selector"], template["metadata"]["labels"])
+        labels = template["metadata"]["labels"]
+        if labels[constants.LABEL_COMPONENT] == "callbacks":
+            assert labels_match(monitor["spec"]["selector"], labels)
+            (container,) = template["spec"]["containers"]
+            assert port in [p["name"] for p in container["ports"]]
+        else:
+            assert not labels_match(monitor["spec"]["selector"], labels)
 
 
 def test_service_monitors_find_their_service_ports(
@@ -240,7 +248,8 @@ def test_selectors_select_their_pods(rendered: dict[str, list[dict[str, Any]]]) 
     for variant, objs in rendered.items():
         templates = [t["metadata"]["labels"] for _, t in pod_templates(objs)]
         for owner, template in pod_templates(objs):
-            assert labels_match(owner["spec"]["selector"], template["metadata"]["labels"])
+            if owner["kind"] != "Pod":
+                assert labels_match(owner["spec"]["selector"], template["metadata"]["labels"])
         for obj in by_kind(objs, "Service"):
             selector = {"matchLabels": obj["spec"]["selector"]}
             assert sum(labels_match(selector, t) for t in templates) == 1, (variant, obj)
@@ -322,6 +331,7 @@ def test_env_names_are_settings_fields(rendered: dict[str, list[dict[str, Any]]]
 
     fields = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
     fields |= {v for k, v in vars(handlers).items() if k.startswith("ENV_")}
+    fields |= {"CLIPLINE_API_URL", "CLIPLINE_API_KEY"}  # the CLI's (the helm test pod)
     seen = 0
     for objs in rendered.values():
         for _, template in pod_templates(objs):
@@ -386,16 +396,25 @@ def test_prometheus_rule_is_the_generated_rule_file(
     rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
     rule = one(rendered["monitoring-values"], "PrometheusRule")
-    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    alerts = [r for r in rules if "alert" in r]
     assert [a["alert"] for a in alerts] == [a.name for a in dashboards.ALERTS]
+    assert [r["record"] for r in rules if "record" in r] == [
+        r.record for r in dashboards.RECORDINGS
+    ]
     assert all(a["labels"]["team"] == "video" and a["labels"]["severity"] for a in alerts)
+    # monitoring.prometheusRule.runbookUrl moves every runbook link, anchors kept.
+    assert [a["annotations"]["runbook_url"] for a in alerts] == [
+        "https://wiki.example.com/video/clipline-runbook#" + a.name.lower()
+        for a in dashboards.ALERTS
+    ]
     path = tmp_path / "rule.yaml"
     path.write_text(yaml.safe_dump(rule["spec"]))
     proc = subprocess.run(
         [promtool(), "check", "rules", str(path)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"SUCCESS: {len(dashboards.ALERTS)} rules found" in proc.stdout
+    assert f"SUCCESS: {len(rules)} rules found" in proc.stdout
     assert not by_kind(rendered["default"], "PrometheusRule")
 
 
@@ -457,6 +476,21 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         {"pipeline": {"gpu": {"resources": {"limits": {"nvidia.com/gpu": 2}}}}},
         "nvidia.com/gpu",
     ),
+    ("gpu resource without a domain", {"pipeline": {"gpu": {"resourceName": "gpu"}}}, "gpu"),
+    ("no gpus per daemon", {"pipeline": {"gpu": {"resourceCount": 0}}}, "resourceCount"),
+    ("negative daemons", {"pipeline": {"gpu": {"daemonsPerNode": -1}}}, "daemonsPerNode"),
+    ("affinity typo", {"pipeline": {"gpu": {"affinity": {"nodeAfinity": {}}}}}, "nodeAfinity"),
+    (
+        "bad disruption budget",
+        {"pipeline": {"workers": {"podDisruptionBudget": {"maxUnavailable": "half"}}}},
+        "maxUnavailable",
+    ),
+    (
+        "weights volume typo",
+        {"pipeline": {"models": {"weights": {"pvc": {"claimName": "w"}}}}},
+        "pvc",
+    ),
+    ("old autoscaling bound", {"pipeline": {"autoscaling": {"maxWorkersPerNode": 4}}}, "PerNode"),
     ("capability typo", {"securityContext": {"capabilites": {"drop": ["ALL"]}}}, "capabilites"),
 ]
 
@@ -525,14 +559,14 @@ def test_pipeline_defaults_equal_the_crd_defaults() -> None:
 def test_notes_tell_how_to_submit_a_job_and_open_the_dashboards() -> None:
     notes = render({})["clipline/templates/NOTES.txt"]
     assert f"port-forward service/{RELEASE}-clipline-api 8080:80" in notes
-    assert f'"$CLIPLINE_URL{constants.API_PREFIX}/jobs"' in notes
+    assert f'"$CLIPLINE_API_URL{constants.API_PREFIX}/jobs"' in notes
     assert "/d/clipline-overview" in notes
     assert "/dev/shm" in notes and "128 MiB" in notes
     assert "kube_deployment_status_replicas" in notes
     assert f"get secret {RELEASE}-clipline-api-key -o jsonpath='{{.data.key}}'" in notes
     assert "Authorization: Bearer $CLIPLINE_API_KEY" in notes
     ingress = render(VARIANTS["monitoring-values"])["clipline/templates/NOTES.txt"]
-    assert "CLIPLINE_URL=https://clips.example.com" in ingress
+    assert "CLIPLINE_API_URL=https://clips.example.com" in ingress
     assert "port-forward service" not in ingress.split("3. Dashboards")[0]
 
 
@@ -771,7 +805,7 @@ def test_monitors_give_series_the_pods_node(rendered: dict[str, list[dict[str, A
     from clipline_operator import prom
 
     assert prom.NODE_LABEL == constants.LABEL_NODE_METRIC == "node"
-    assert f"by ({prom.NODE_LABEL})" in prom.DEFAULT_UTILIZATION_QUERY
+    assert f"by ({prom.NODE_LABEL}, " in prom.DEFAULT_UTILIZATION_QUERY
     objs = rendered["monitoring-values"]
     (endpoint,) = one(objs, "PodMonitor")["spec"]["podMetricsEndpoints"]
     # The exporter's own `node` (the daemon's) wins; every other series gets the pod's.
@@ -789,3 +823,182 @@ def test_monitors_give_series_the_pods_node(rendered: dict[str, list[dict[str, A
         for r in monitors["operator"]["relabelings"]
         if r.get("targetLabel") == constants.LABEL_NODE_METRIC
     ]
+
+
+def test_object_store_values_reach_the_api_and_only_the_workers(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """``artifacts.store=s3``: the API and the workers share the bucket's settings; the
+    access key pair comes from the existing Secret, to the API and the workers only."""
+    objs = rendered["objectstore-values"]
+    api = one(objs, "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0]
+    env = _env(api)
+    assert env["CLIPLINE_ARTIFACT_STORE"]["value"] == "s3"
+    assert env["CLIPLINE_S3_BUCKET"]["value"] == "clipline-clips"
+    assert env["CLIPLINE_S3_PUBLIC_ENDPOINT_URL"]["value"] == "https://clips.example.com"
+    assert env["CLIPLINE_ARTIFACT_TTL_S"]["value"] == "43200"
+    assert env["CLIPLINE_S3_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "clipline-s3",
+        "key": "access-key-id",
+    }
+    pipeline = _pipelines(objs)[0]
+    assert pipeline["spec"]["artifacts"]["secretRef"]["name"] == "clipline-s3"
+    daemonset, workers = _operator_objects(pipeline)
+    worker_env = _env(workers["spec"]["template"]["spec"]["containers"][0])
+    daemon_env = _env(daemonset["spec"]["template"]["spec"]["containers"][0])
+    assert worker_env["CLIPLINE_S3_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "clipline-s3",
+        "key": "secret-access-key",
+    }
+    for name in ("CLIPLINE_ARTIFACT_STORE", "CLIPLINE_S3_BUCKET", "CLIPLINE_S3_ENDPOINT_URL"):
+        assert worker_env[name]["value"] == env[name]["value"], name
+    assert "CLIPLINE_S3_SECRET_ACCESS_KEY" not in daemon_env
+    assert "CLIPLINE_S3_ACCESS_KEY_ID" not in daemon_env
+    for _, template in pod_templates(objs):
+        for container in template["spec"]["containers"]:
+            assert "secret-access-key" not in json.dumps(
+                [e for e in container.get("env", []) if "value" in e]
+            )
+    assert (
+        "s3://clipline-clips/highlights"
+        in render(VARIANTS["objectstore-values"])["clipline/templates/NOTES.txt"]
+    )
+
+    default = _env(
+        one(rendered["default"], "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert default["CLIPLINE_ARTIFACT_STORE"]["value"] == "local"
+    assert "CLIPLINE_S3_ACCESS_KEY_ID" not in default
+    with pytest.raises(helm.HelmError):  # no bucket
+        render({"artifacts": {"store": "s3"}})
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(chart.merge_values({"artifacts": {"store": "nfs"}}))
+
+
+# ---------------------------------------------------------------------------
+# GPU scheduling: one daemon per GPU, the pods' scheduling values, weights, MIG.
+# ---------------------------------------------------------------------------
+GPU_NODE = "gpu-node-1.example.internal"
+PIPELINE_VARIANTS = sorted(
+    v for v in VARIANTS if VARIANTS[v].get("pipeline", {}).get("create", True)
+)
+
+
+def _model(pipeline: dict[str, Any]) -> Any:
+    from clipline_operator import builders
+
+    body = copy.deepcopy(pipeline)
+    body["metadata"]["uid"] = "00000000-0000-0000-0000-000000000001"
+    return builders.Pipeline.from_body(body)
+
+
+@pytest.mark.parametrize("variant", PIPELINE_VARIANTS)
+def test_operator_objects_of_every_variant_are_valid(
+    variant: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Every variant's ClipPipeline, through the real builders, on an 8-GPU node."""
+    from clipline_operator import builders
+
+    model = _model(_pipelines(rendered[variant])[0])
+    allocatable = {"cpu": "96", model.spec["gpu"]["resourceName"] or "none": "8"}
+    gpus = builders.gpus_on_node(model, allocatable)
+    assert gpus == (8 if model.spec["gpu"]["resourceName"] else 1)
+    built = [builders.build_worker_pdb(model)]
+    for gpu in range(gpus):
+        built.append(builders.build_daemon_deployment(model, GPU_NODE, gpu))
+        built.append(builders.build_worker_deployment(model, GPU_NODE, gpu, 2))
+    image_volume = "image" in (model.spec["models"].get("weights") or {})
+    for obj in built:
+        for version in KUBE_VERSIONS[1:] if image_volume else KUBE_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+    arenas = {
+        v["hostPath"]["path"]
+        for obj in built[1::2]
+        for v in obj["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == "arena"
+    }
+    assert len(arenas) == gpus  # every daemon on the node has its own arena
+
+
+def test_multigpu_values_reach_the_gpu_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from clipline_operator import builders
+
+    values = VARIANTS["multigpu-values"]["pipeline"]
+    model = _model(_pipelines(rendered["multigpu-values"])[0])
+    daemon = builders.build_daemon_deployment(model, GPU_NODE, 5)
+    workers = builders.build_worker_deployment(model, GPU_NODE, 5, 3)
+    pod = daemon["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["priorityClassName"] == "clipline-gpu"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    preferred = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert (
+        preferred
+        == values["gpu"]["affinity"]["nodeAffinity"][
+            "preferredDuringSchedulingIgnoredDuringExecution"
+        ]
+    )
+    meta = daemon["spec"]["template"]["metadata"]
+    assert meta["labels"]["team"] == "video" and meta["labels"][constants.LABEL_GPU] == "5"
+    assert meta["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    env = _env(container)
+    assert env["CUDA_MODULE_LOADING"]["value"] == "LAZY"
+    assert env["CLIPLINE_GPU_INDEX"]["value"] == "5"
+    assert env["CLIPLINE_BACKEND"]["value"] == "tensorrt"
+    # Weights: the PVC, read-only, at CLIPLINE_WEIGHTS_DIR; a cache volume for engines.
+    weights = next(v for v in pod["volumes"] if v["name"] == "weights")
+    assert weights["persistentVolumeClaim"] == {"claimName": "clipline-weights", "readOnly": True}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "weights")
+    assert mount["readOnly"] is True and mount["subPath"] == "v3"
+    assert env["CLIPLINE_WEIGHTS_DIR"]["value"] == mount["mountPath"]
+    cache = next(m for m in container["volumeMounts"] if m["name"] == "engines")
+    assert env["CLIPLINE_ENGINE_CACHE_DIR"]["value"] == cache["mountPath"]
+    # Warm-up: the startup probe waits an hour for TensorRT engines.
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
+    # Workers: their own priority class, grace from the longer job limit, no weights.
+    wpod = workers["spec"]["template"]["spec"]
+    assert wpod["priorityClassName"] == "clipline-cpu"
+    assert "runtimeClassName" not in wpod
+    assert wpod["terminationGracePeriodSeconds"] == 900 + builders.WORKER_DRAIN_MARGIN_S
+    assert "weights" not in str(wpod["volumes"])
+    assert wpod["affinity"]["podAntiAffinity"] == values["workers"]["affinity"]["podAntiAffinity"]
+    assert builders.build_worker_pdb(model)["spec"]["maxUnavailable"] == 4
+
+
+def test_mig_values_run_one_daemon_per_slice(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from clipline_operator import builders
+
+    model = _model(_pipelines(rendered["mig-values"])[0])
+    # A node with one A100 in 7 slices, the full-GPU resource at 0 under MIG.
+    allocatable = {"cpu": "32", "nvidia.com/gpu": "0", "nvidia.com/mig-1g.10gb": "7"}
+    assert builders.gpus_on_node(model, allocatable) == 7
+    daemon = builders.build_daemon_deployment(model, GPU_NODE, 6)
+    pod = daemon["spec"]["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/mig-1g.10gb"] == "1" and "nvidia.com/gpu" not in limits
+    # Helm merges maps: the default nvidia.com/gpu.present label stays selected too.
+    assert pod["nodeSelector"] == {
+        "nvidia.com/gpu.present": "true",
+        "nvidia.com/mig.config": "all-1g.10gb",
+    }
+    weights = next(v for v in pod["volumes"] if v["name"] == "weights")
+    assert weights["hostPath"] == {"path": "/opt/clipline/weights", "type": "Directory"}
+    assert _env(pod["containers"][0])["CLIPLINE_WEIGHTS_DIR"]["value"] == "/weights"
+    # 32 CPUs, 7 daemons at 500m: 57 half-CPU worker pods shared by the slices.
+    assert builders.workers_cpu_cap(model, "32", daemons=7) == 57
+
+
+def test_pod_monitor_labels_series_with_their_gpu(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    from clipline_operator import prom
+
+    (endpoint,) = one(rendered["monitoring-values"], "PodMonitor")["spec"]["podMetricsEndpoints"]
+    meta = "__meta_kubernetes_pod_label_" + constants.LABEL_GPU.replace(".", "_").replace("/", "_")
+    assert {"sourceLabels": [meta], "targetLabel": constants.LABEL_GPU_METRIC} in endpoint[
+        "relabelings"
+    ]
+    assert f"by ({prom.NODE_LABEL}, {prom.GPU_LABEL})" in prom.DEFAULT_UTILIZATION_QUERY

@@ -1,45 +1,69 @@
-"""Dashboards and alert rules generated from the metric-name constants.
+"""Dashboards, recording and alert rules generated from the metric-name constants.
 
-Every PromQL expression is parsed by ``promtool`` (Debian's prometheus package) and every
-alert has ``promtool test rules`` unit tests with series that fire it and series that
-must not. The committed files under ``charts/clipline`` must equal what the generator
-produces, so renaming a metric in ``clipline_core.constants`` breaks the build.
+Every PromQL expression is parsed by ``promtool`` (Debian's prometheus package); the rule
+file's unit tests ship with the chart (``charts/clipline/rules/tests/*.yaml``) and run
+here with ``promtool test rules``; every alert links to its section of
+``docs/runbook.md``. The committed files under ``charts/clipline`` must equal what the
+generator produces, so renaming a metric in ``clipline_core.constants`` breaks the build.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from deploylib import ROOT, promtool
+from deploylib import ROOT
 
 from clipline import dashboards
 from clipline_core.constants import Metric
 
 METRIC_NAMES = {v for k, v in vars(Metric).items() if k.isupper()}
-OTHER_SERIES = {"up", dashboards.KSM_DEPLOYMENT_REPLICAS, dashboards.KSM_DEPLOYMENT_LABELS}
-PROMQL_WORDS = {
-    "sum", "avg", "max", "min", "count", "by", "on", "and", "or", "unless", "rate",
-    "increase", "deriv", "histogram_quantile", "label_replace", "group_left",
-    "max_over_time", "namespace", "node", "le", "priority", "stage", "status", "code",
-    "model", "backend", "direction", "reason", "component", "deployment",
-}  # fmt: skip
+RECORDED = {r.record for r in dashboards.RECORDINGS}
+OTHER_SERIES = {
+    "up",
+    dashboards.KSM_DEPLOYMENT_REPLICAS,
+    dashboards.KSM_DEPLOYMENT_LABELS,
+    *dashboards.DCGM_SERIES,
+}
+RUNBOOK = ROOT / "docs" / "runbook.md"
 
 
 def _series_names(expr: str) -> set[str]:
-    """Metric names an expression selects (identifiers followed by ``{`` or ``[``/``)``)."""
+    """Metric names an expression selects: identifiers followed by ``{``, and the
+    recorded series (selected bare)."""
     without_strings = re.sub(r'"[^"]*"', '""', expr)
-    return set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?=\{)", without_strings))
+    names = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?=\{)", without_strings))
+    return names | {r for r in RECORDED if re.search(rf"(?<![\w:]){re.escape(r)}\b", expr)}
 
 
 def _all_expressions() -> list[tuple[str, str]]:
-    return [*dashboards.all_dashboard_expressions(), *dashboards.alert_expressions()]
+    return [
+        *dashboards.all_dashboard_expressions(),
+        *dashboards.recording_expressions(),
+        *dashboards.alert_expressions(),
+    ]
+
+
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    if not path:
+        reason = "promtool is not installed (Debian package prometheus): rule checks skipped"
+        print(reason)
+        pytest.skip(reason)
+    return path
+
+
+def _run_promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_promtool(), *args], capture_output=True, text=True, cwd=cwd, check=False
+    )
 
 
 def test_committed_files_are_generated() -> None:
@@ -50,7 +74,7 @@ def test_committed_files_are_generated() -> None:
 def test_renaming_a_metric_breaks_the_check() -> None:
     code = (
         "import sys; from clipline_core.constants import Metric;"
-        "Metric.GPU_UTILIZATION_RATIO = 'clipline_gpu_util';"
+        "Metric.DEVICE_BUSY_RATIO = 'clipline_device_busy';"
         "from clipline import dashboards; sys.exit(dashboards.main(['--check']))"
     )
     proc = subprocess.run(
@@ -66,31 +90,70 @@ def test_expressions_only_use_known_series() -> None:
     for name, expr in _all_expressions():
         for series in _series_names(expr):
             base = re.sub(r"_(bucket|sum|count)$", "", series)
-            assert series in METRIC_NAMES | OTHER_SERIES or base in METRIC_NAMES, (name, series)
+            known = METRIC_NAMES | OTHER_SERIES | RECORDED
+            assert series in known or base in METRIC_NAMES, (name, series)
             used.add(base if base in METRIC_NAMES else series)
-    # Every exported metric has a panel or an alert.
+    # Every exported metric has a panel or an alert, every recorded SLI is used by an
+    # alert, and every DCGM series the issue asks for has a panel.
     assert METRIC_NAMES - used == set()
+    alert_series = {s for _, e in dashboards.alert_expressions() for s in _series_names(e)}
+    assert RECORDED - {dashboards.REC_GPU_UTILIZATION} <= alert_series
+    assert set(dashboards.DCGM_SERIES) <= used
 
 
-def test_issue_panels_are_present() -> None:
+def test_the_operator_sees_the_overview_row_first() -> None:
+    overview = dashboards.OVERVIEW.rows[0]
+    assert [p.title for p in overview.panels] == [
+        "GPU busy",
+        "Jobs / min",
+        "p95 job latency",
+        "Error rate",
+        "Backlog",
+        "Targets down",
+    ]
+    assert all(p.kind == "stat" and p.thresholds and p.main for p in overview.panels)
+    assert sum(p.width for p in overview.panels) == 24
+    busy = overview.panels[0]
+    # The target line: green from the autoscaling target, red below the alert threshold.
+    assert busy.thresholds == (
+        (None, "red"),
+        (dashboards.GPU_ALERT_RATIO, "orange"),
+        (dashboards.GPU_TARGET_RATIO, "green"),
+    )
     titles = {p.title for p in dashboards.main_panels()}
     assert titles >= {
-        "GPU utilization per node",
-        "Device busy ratio per node",
+        "Device busy per GPU",
         "Jobs per minute",
+        "Job latency",
+        "Inference time per batch",
         "Items processed per second",
         "Stage latency p50 / p95",
-        "Queue depth per priority class",
+        "Backlog per priority class",
         "Shared-memory slots in use",
         "Workers desired vs actual per node",
         "Batch size",
         "Failures by error code",
     }
+    heatmaps = [p for d in dashboards.DASHBOARDS for p in d.panels() if p.kind == "heatmap"]
+    assert {p.title for p in heatmaps} == {"Job latency", "Inference time per batch"}
+    assert all(q.format == "heatmap" and "_bucket" in q.expr for p in heatmaps for q in p.queries)
+
+
+def test_gpu_panels_cover_nvml_and_dcgm() -> None:
+    exprs = {p.title: " ".join(q.expr for q in p.queries) for p in dashboards.OVERVIEW.panels()}
+    for series in dashboards.DCGM_SERIES:
+        (title,) = [t for t, e in exprs.items() if series in e]
+        assert "(DCGM)" in title
+        # DCGM's Hostname becomes `node`, filtered by $node.
+        assert f'{dashboards.DCGM_HOSTNAME}=~"$node"' in exprs[title]
+    assert Metric.GPU_UTILIZATION_RATIO in exprs["GPU utilization per GPU (NVML)"]
+    assert "by (node, gpu)" in exprs["Device busy per GPU"]
 
 
 def test_dashboard_json_is_well_formed() -> None:
     for dashboard in dashboards.DASHBOARDS:
         model = dashboards.dashboard_json(dashboard)
+        assert model["schemaVersion"] >= 39
         ids = [p["id"] for p in model["panels"]]
         assert len(ids) == len(set(ids))
         cells: set[tuple[int, int]] = set()
@@ -101,35 +164,76 @@ def test_dashboard_json_is_well_formed() -> None:
                 for y in range(pos["y"], pos["y"] + pos["h"]):
                     assert (x, y) not in cells, f"{panel['title']} overlaps"
                     cells.add((x, y))
+            refs = [t["refId"] for t in panel.get("targets", [])]
+            assert len(refs) == len(set(refs)) and all(refs)
             for target in panel.get("targets", []):
                 assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
-                assert target["expr"] and target["refId"]
-        variables = {v["name"] for v in model["templating"]["list"]}
-        assert variables == {"datasource", "namespace", "node"}
+                assert target["expr"]
+        variables = {v["name"]: v for v in model["templating"]["list"]}
+        assert set(variables) == {"datasource", "namespace", "node", "gpu"}
+        # $node and $gpu come from the daemon and worker targets, which every node has
+        # (NVML's series are absent on CPU nodes and MIG slices).
+        for name in ("node", "gpu"):
+            query = variables[name]["query"]["query"]
+            assert query.startswith("label_values(up{") and query.endswith(f", {name})")
+            assert Metric.GPU_UTILIZATION_RATIO not in query
+            assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
+        # Links: every clipline dashboard (by tag, keeping time and variables), the runbook.
+        (tagged,) = [link for link in model["links"] if link["type"] == "dashboards"]
+        assert tagged["tags"] == ["clipline"] and tagged["keepTime"] and tagged["includeVars"]
+        assert dashboard.uid != "" and "clipline" in model["tags"]
+        assert any(link.get("url") == dashboards.RUNBOOK_URL for link in model["links"])
     overview = dashboards.dashboard_json(dashboards.OVERVIEW)
     (decisions,) = [a for a in overview["annotations"]["list"] if "expr" in a]
-    workers = [p["id"] for p in overview["panels"] if p["title"].startswith("Workers desired")]
-    assert decisions["filter"]["ids"] == workers
+    annotated = [
+        p["id"]
+        for p in overview["panels"]
+        if p["title"]
+        in (
+            "Workers desired vs actual per node",
+            "Device busy per GPU",
+            "Backlog per priority class",
+        )
+    ]
+    assert sorted(decisions["filter"]["ids"]) == sorted(annotated)
+    assert 'direction=~"up|down"' in decisions["expr"]  # holds are not annotations
+    stats = [p for p in overview["panels"] if p["type"] == "stat"]
+    assert len(stats) == 6
+    for stat in stats:
+        steps = stat["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert steps[0]["value"] is None and all(s["color"] for s in steps)
+    (busy,) = [p for p in overview["panels"] if p["title"] == "Device busy per GPU"]
+    assert busy["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "dashed"
+    (heat,) = [p for p in overview["panels"] if p["title"] == "Job latency"]
+    assert heat["type"] == "heatmap" and heat["options"]["calculate"] is False
+    assert heat["targets"][0]["format"] == "heatmap"
+
+
+def test_shipped_dashboard_files_round_trip_through_the_sdk() -> None:
+    """The committed JSON is a dashboard grafana-foundation-sdk's model reads back."""
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    for path in sorted(dashboards.DASHBOARD_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        model = Dashboard.from_json(data)
+        assert model.uid == path.stem and model.schema_version == data["schemaVersion"]
 
 
 def test_instantiate_replaces_every_variable() -> None:
-    expr = dashboards.sel(Metric.DEVICE_BUSY_RATIO, node=True)
+    expr = dashboards.sel(Metric.DEVICE_BUSY_RATIO, node=True, gpu=True)
     assert dashboards.instantiate(expr) == (
-        'clipline_device_busy_ratio{namespace=~".*",node=~".*"}'
+        'clipline_device_busy_ratio{namespace=~".*",node=~".*",gpu=~".*"}'
     )
     with pytest.raises(ValueError, match=r"\$pod"):
         dashboards.instantiate('up{pod="$pod"}')
 
 
-def test_gpu_alert_threshold_is_below_the_default_target() -> None:
+def test_gpu_thresholds_match_the_default_target() -> None:
     from clipline_operator import crd
 
     target = crd.with_defaults({})["autoscaling"]["targetGpuUtilization"]
-    assert target > dashboards.GPU_TARGET_RATIO
-
-
-def _promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([promtool(), *args], capture_output=True, text=True, cwd=cwd, check=False)
+    assert target == dashboards.GPU_TARGET_RATIO
+    assert target > dashboards.GPU_ALERT_RATIO
 
 
 def test_every_expression_parses_with_promtool(tmp_path: Path) -> None:
@@ -138,7 +242,7 @@ def test_every_expression_parses_with_promtool(tmp_path: Path) -> None:
     (tmp_path / "exprs.yaml").write_text(
         yaml.safe_dump({"groups": [{"name": "c", "rules": rules}]})
     )
-    proc = _promtool("check", "rules", "exprs.yaml", cwd=tmp_path)
+    proc = _run_promtool("check", "rules", "exprs.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"SUCCESS: {len(rules)} rules found" in proc.stdout
     # promtool really parses: a broken expression fails.
@@ -147,232 +251,109 @@ def test_every_expression_parses_with_promtool(tmp_path: Path) -> None:
             {"groups": [{"name": "c", "rules": [{"record": "x:y", "expr": "sum by (("}]}]}
         )
     )
-    assert _promtool("check", "rules", "bad.yaml", cwd=tmp_path).returncode != 0
+    assert _run_promtool("check", "rules", "bad.yaml", cwd=tmp_path).returncode != 0
 
 
 def test_committed_rule_file_passes_promtool() -> None:
-    proc = _promtool("check", "rules", str(dashboards.RULES_FILE), cwd=ROOT)
+    proc = _run_promtool("check", "rules", str(dashboards.RULES_FILE), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    total = len(dashboards.RECORDINGS) + len(dashboards.ALERTS)
+    assert f"SUCCESS: {total} rules found" in proc.stdout
 
 
 # ---------------------------------------------------------------------------
-# promtool unit tests of the alerts.
+# Runbook.
 # ---------------------------------------------------------------------------
-NS = {"namespace": "video"}
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-@dataclass
-class AlertCase:
-    """Input series, and the alerts (labels, $value renderings) expected at ``at``."""
-
-    alert: str
-    series: dict[str, str]
-    at: str
-    fires: list[tuple[dict[str, str], dict[str, str]]] = field(default_factory=list)
-    quiet_at: str | None = None  # an earlier time at which nothing fires yet
-
-
-def _s(metric: str, **labels: str) -> str:
-    inner = ",".join(f'{k}="{v}"' for k, v in {**NS, **labels}.items())
-    return f"{metric}{{{inner}}}"
-
-
-def _calm(metric: str, **labels: str) -> str:
-    return _s(metric, **labels).replace('namespace="video"', 'namespace="calm"')
-
-
-CASES = [
-    AlertCase(
-        "ClipLineGpuUnderTargetWithBacklog",
-        {
-            _s(Metric.GPU_UTILIZATION_RATIO, node="gpu-1"): "0.3x40",
-            _s(Metric.GPU_UTILIZATION_RATIO, node="gpu-2"): "0.97x40",
-            _s(Metric.QUEUE_DEPTH, priority="normal"): "10+5x40",
-            _calm(Metric.GPU_UTILIZATION_RATIO, node="gpu-9"): "0.3x40",
-            _calm(Metric.QUEUE_DEPTH, priority="normal"): "300-5x40",
-        },
-        "25m",
-        [({**NS, "node": "gpu-1", "severity": "warning"}, {"humanizePercentage": "30%"})],
-        quiet_at="8m",
-    ),
-    AlertCase(
-        "ClipLineQueueGrowing",
-        {
-            _s(Metric.QUEUE_DEPTH, priority="low"): "0+2x60",
-            _s(Metric.QUEUE_DEPTH, priority="high"): "50x60",
-        },
-        "40m",
-        [({**NS, "priority": "low", "severity": "warning"}, {"raw": "80"})],
-        quiet_at="10m",
-    ),
-    AlertCase(
-        "ClipLineJobFailureRateHigh",
-        {
-            _s(Metric.JOBS_TOTAL, status="succeeded", code=""): "0+10x60",
-            _s(Metric.JOBS_TOTAL, status="failed", code="fetch_failed"): "0+2x60",
-            _calm(Metric.JOBS_TOTAL, status="succeeded", code=""): "0+10x60",
-            _calm(Metric.JOBS_TOTAL, status="failed", code="fetch_failed"): "0+0x60",
-        },
-        "30m",
-        [({**NS, "severity": "critical"}, {"humanizePercentage": "16.67%"})],
-        quiet_at="5m",
-    ),
-    AlertCase(
-        "ClipLineGpuDaemonDown",
-        {
-            _s("up", component="gpu-daemon", pod="gpu-a", instance="10.0.0.1:9400"): "1x5 0x30",
-            _s("up", component="gpu-daemon", pod="gpu-b", instance="10.0.0.2:9400"): "1x35",
-            _s("up", component="workers", pod="w-a", instance="10.0.0.3:9401"): "0x35",
-        },
-        "20m",
-        [
-            (
-                {
-                    **NS,
-                    "component": "gpu-daemon",
-                    "pod": "gpu-a",
-                    "instance": "10.0.0.1:9400",
-                    "severity": "critical",
-                },
-                {},
-            )
-        ],
-        quiet_at="8m",
-    ),
-    AlertCase(
-        "ClipLineSharedMemoryExhausted",
-        {
-            _s(Metric.SHM_SLOTS_IN_USE, node="gpu-1", pod="daemon"): "31x30",
-            _s(Metric.SHM_SLOTS_IN_USE, node="gpu-1", pod="worker"): "0x30",
-            _s(Metric.SHM_SLOTS_TOTAL, node="gpu-1", pod="daemon"): "32x30",
-            _s(Metric.SHM_SLOTS_TOTAL, node="gpu-1", pod="worker"): "0x30",
-            _s(Metric.SHM_SLOTS_IN_USE, node="gpu-2", pod="daemon"): "8x30",
-            _s(Metric.SHM_SLOTS_TOTAL, node="gpu-2", pod="daemon"): "32x30",
-        },
-        "10m",
-        [({**NS, "node": "gpu-1", "severity": "warning"}, {"humanizePercentage": "96.88%"})],
-        quiet_at="3m",
-    ),
-    AlertCase(
-        "ClipLineSharedMemoryReserveStalls",
-        {
-            _s(f"{Metric.SHM_RESERVE_WAIT_SECONDS}_sum", node="gpu-1"): "0+120x30",
-            _s(f"{Metric.SHM_RESERVE_WAIT_SECONDS}_count", node="gpu-1"): "0+60x30",
-            _s(f"{Metric.SHM_RESERVE_WAIT_SECONDS}_sum", node="gpu-2"): "0+6x30",
-            _s(f"{Metric.SHM_RESERVE_WAIT_SECONDS}_count", node="gpu-2"): "0+60x30",
-        },
-        "20m",
-        [({**NS, "node": "gpu-1", "severity": "warning"}, {"humanizeDuration": "2s"})],
-        quiet_at="8m",
-    ),
-    AlertCase(
-        "ClipLineOperatorDown",
-        {
-            _s("up", component="operator", instance="10.0.1.1:9402"): "0x30",
-            _s("up", component="api", instance="10.0.1.2:8080"): "0x30",
-        },
-        "15m",
-        [
-            (
-                {
-                    **NS,
-                    "component": "operator",
-                    "instance": "10.0.1.1:9402",
-                    "severity": "critical",
-                },
-                {},
-            )
-        ],
-        quiet_at="5m",
-    ),
-    AlertCase(
-        "ClipLineOperatorNotReconciling",
-        {
-            _s("up", component="operator", instance="a:9402"): "1x45",
-            _s(Metric.AUTOSCALER_DESIRED_WORKERS, node="gpu-1"): "2x45",
-            _s(
-                Metric.AUTOSCALER_DECISIONS_TOTAL, direction="hold", reason="AtTarget"
-            ): "0+2x10 20x35",
-            _calm("up", component="operator", instance="b:9402"): "1x45",
-            _calm(Metric.AUTOSCALER_DESIRED_WORKERS, node="gpu-9"): "2x45",
-            _calm(Metric.AUTOSCALER_DECISIONS_TOTAL, direction="hold", reason="AtTarget"): "0+2x45",
-        },
-        "35m",
-        [({**NS, "severity": "critical"}, {})],
-        quiet_at="20m",
-    ),
-]
+def test_every_alert_links_to_its_runbook_section() -> None:
+    text = RUNBOOK.read_text(encoding="utf-8")
+    anchors = {_github_anchor(h) for h in re.findall(r"^#{2,3} (.+)$", text, re.M)}
+    for alert in dashboards.ALERTS:
+        url = alert.rule()["annotations"]["runbook_url"]
+        base, anchor = url.split("#")
+        assert base == dashboards.RUNBOOK_URL and base.endswith("docs/runbook.md")
+        assert anchor in anchors, f"docs/runbook.md has no section for {alert.name}"
+    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    for section in sections:
+        name = section.split("\n", 1)[0]
+        for part in ("**Meaning.**", "**Check.**", "**Act.**"):
+            assert part in section, f"{name}: no {part}"
+    # Links between sections resolve.
+    for target in re.findall(r"\]\(#([\w-]+)\)", text):
+        assert target in anchors, target
+    # No stale section: every one is an alert.
+    assert {s.split("\n", 1)[0] for s in sections} == {a.name for a in dashboards.ALERTS}
 
 
-def _render_annotation(text: str, labels: dict[str, str], values: dict[str, str]) -> str:
-    text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), text)
-    text = re.sub(r"\{\{ \$value \| (\w+) \}\}", lambda m: values[m.group(1)], text)
-    return re.sub(r"\{\{ \$value \}\}", lambda m: values["raw"], text)
+# ---------------------------------------------------------------------------
+# promtool unit tests shipped with the chart.
+# ---------------------------------------------------------------------------
+def _rule_test_files() -> list[Path]:
+    files = sorted(dashboards.RULE_TESTS_DIR.glob("*.yaml"))
+    assert files, f"no rule tests under {dashboards.RULE_TESTS_DIR}"
+    return files
 
 
-def test_every_alert_has_a_unit_test() -> None:
-    assert sorted(c.alert for c in CASES) == sorted(a.name for a in dashboards.ALERTS)
+def _rule_tests() -> list[dict[str, Any]]:
+    out = []
+    for path in _rule_test_files():
+        doc = yaml.safe_load(path.read_text())
+        assert doc["rule_files"] == ["../clipline.rules.yaml"], path
+        out.extend(doc["tests"])
+    return out
 
 
-@pytest.fixture(scope="module")
-def unit_test_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    alerts = {a.name: a for a in dashboards.ALERTS}
-    tests: list[dict[str, Any]] = []
-    for case in CASES:
-        alert = alerts[case.alert]
-        checks: list[dict[str, Any]] = [
-            {
-                "eval_time": case.at,
-                "alertname": case.alert,
-                "exp_alerts": [
-                    {
-                        "exp_labels": labels,
-                        "exp_annotations": {
-                            k: _render_annotation(v, labels, values)
-                            for k, v in alert.rule()["annotations"].items()
-                        },
-                    }
-                    for labels, values in case.fires
-                ],
-            }
-        ]
-        if case.quiet_at:
-            checks.append({"eval_time": case.quiet_at, "alertname": case.alert, "exp_alerts": []})
-        tests.append(
-            {
-                "interval": "1m",
-                "input_series": [{"series": s, "values": v} for s, v in case.series.items()],
-                "alert_rule_test": checks,
-            }
-        )
-    path = tmp_path_factory.mktemp("promtool") / "alerts_test.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "rule_files": [str(dashboards.RULES_FILE)],
-                "evaluation_interval": "1m",
-                "tests": tests,
-            },
-            sort_keys=False,
-        )
-    )
-    return path
-
-
-def test_alert_rules_pass_promtool_unit_tests(unit_test_file: Path) -> None:
-    proc = _promtool("test", "rules", unit_test_file.name, cwd=unit_test_file.parent)
+def test_shipped_rule_tests_pass_promtool() -> None:
+    files = [str(p.relative_to(ROOT)) for p in _rule_test_files()]
+    proc = _run_promtool("test", "rules", *files, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS" in proc.stdout + proc.stderr
+    assert proc.stdout.count("SUCCESS") == len(files), proc.stdout
 
 
-def test_promtool_unit_tests_can_fail(unit_test_file: Path) -> None:
-    """A wrong expectation (another node) makes promtool fail: the tests have teeth."""
-    doc = yaml.safe_load(unit_test_file.read_text())
+def test_every_rule_has_shipped_tests() -> None:
+    """Each alert has a case where it fires and one where it stays quiet; each recording
+    rule has an expression test."""
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    recorded: set[str] = set()
+    for test in _rule_tests():
+        for check in test.get("alert_rule_test", []):
+            (fires if check["exp_alerts"] else quiet).add(check["alertname"])
+            for alert in check["exp_alerts"]:
+                name = check["alertname"]
+                (rule,) = [a for a in dashboards.ALERTS if a.name == name]
+                assert alert["exp_annotations"]["runbook_url"] == rule.runbook_url
+        for check in test.get("promql_expr_test", []):
+            recorded.add(check["expr"])
+    names = {a.name for a in dashboards.ALERTS}
+    assert fires == names, names ^ fires
+    assert quiet == names, names ^ quiet
+    assert recorded == RECORDED
+
+
+def test_shipped_rule_tests_can_fail(tmp_path: Path) -> None:
+    """A wrong expectation (another node) or a rule that no longer fires fails promtool:
+    the shipped tests have teeth."""
+    rules = tmp_path / "rules"
+    shutil.copytree(dashboards.RULES_FILE.parent, rules)
+    jobs = rules / "tests" / "jobs_test.yaml"
+    doc = yaml.safe_load(jobs.read_text())
     doc["tests"][0]["alert_rule_test"][0]["exp_alerts"][0]["exp_labels"]["node"] = "gpu-2"
-    broken = unit_test_file.with_name("broken_test.yaml")
-    broken.write_text(yaml.safe_dump(doc, sort_keys=False))
-    proc = _promtool("test", "rules", broken.name, cwd=broken.parent)
-    assert proc.returncode != 0
+    jobs.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = _run_promtool("test", "rules", "tests/jobs_test.yaml", cwd=rules)
+    assert proc.returncode != 0 and "gpu-2" in proc.stdout + proc.stderr
+    # The rule file itself with a threshold no test series reaches.
+    shutil.copytree(dashboards.RULES_FILE.parent, tmp_path / "again")
+    rule_file = tmp_path / "again" / dashboards.RULES_FILE.name
+    text = rule_file.read_text()
+    assert f"> {dashboards.FAILURE_RATIO}" in text
+    rule_file.write_text(text.replace(f"> {dashboards.FAILURE_RATIO}", "> 0.5"))
+    proc = _run_promtool("test", "rules", "tests/jobs_test.yaml", cwd=tmp_path / "again")
+    assert proc.returncode != 0 and "ClipLineJobFailureRateHigh" in proc.stdout + proc.stderr
 
 
 def test_generator_cli(capsys: pytest.CaptureFixture[str]) -> None:
@@ -386,5 +367,5 @@ def test_generator_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert proc.returncode == 0, proc.stderr
     assert dashboards.main(["--print-exprs"]) == 0
     listing = capsys.readouterr().out
-    assert Metric.GPU_UTILIZATION_RATIO in listing
+    assert Metric.DEVICE_BUSY_RATIO in listing
     assert listing.count("\n    ") == len(_all_expressions())

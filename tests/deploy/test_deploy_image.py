@@ -197,11 +197,15 @@ def test_chart_and_operator_command_lines_are_accepted() -> None:
                 flag = arg.split("=", 1)[0]
                 assert flag.startswith("--") and flag in listing, (command, flag)
             checked += 1
-    assert checked == 2
+    assert checked == 3  # the API, the operator, the callback worker
     pipeline = next(o for o in objs if o["kind"] == constants.CRD_KIND)
     pipeline["metadata"]["uid"] = "u"
     model = builders.Pipeline.from_body(pipeline)
-    for obj in (builders.build_daemonset(model), builders.build_worker_deployment(model, "n", 1)):
+    built = (
+        builders.build_daemon_deployment(model, "n", 0),
+        builders.build_worker_deployment(model, "n", 0, 1),
+    )
+    for obj in built:
         container = obj["spec"]["template"]["spec"]["containers"][0]
         assert "command" not in container  # the image's ENTRYPOINT (clipline) runs
         _help(_script("clipline"), *container["args"])

@@ -113,13 +113,16 @@ def _target(
 
 
 def _operator_pods(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The daemon DaemonSet and one worker Deployment the real operator builds."""
+    """The GPU daemon and worker Deployments the real operator builds for a node's GPU 0."""
     from clipline_operator import builders
 
     (pipeline,) = [copy.deepcopy(o) for o in objs if o["kind"] == constants.CRD_KIND]
     pipeline["metadata"]["uid"] = "uid-1"
     model = builders.Pipeline.from_body(pipeline)
-    return [builders.build_daemonset(model), builders.build_worker_deployment(model, GPU_NODE, 1)]
+    return [
+        builders.build_daemon_deployment(model, GPU_NODE, 0),
+        builders.build_worker_deployment(model, GPU_NODE, 0, 1),
+    ]
 
 
 def scrape_config(objs: list[dict[str, Any]], ports: dict[str, int]) -> dict[str, Any]:
@@ -268,9 +271,11 @@ def test_daemon_and_worker_series_carry_their_node(prometheus: dict[str, Any]) -
     names = {s["__name__"] for s in series}
     # The daemon's own `node` label and the relabeled one, both present.
     assert {Metric.DEVICE_BUSY_RATIO, Metric.SHM_SLOTS_IN_USE, "up"} <= names
-    assert {Metric.QUEUE_DEPTH, Metric.SHM_RESERVE_WAIT_SECONDS + "_sum"} <= names
+    assert {Metric.BACKLOG_JOBS, Metric.SHM_RESERVE_WAIT_SECONDS + "_sum"} <= names
     for labels in series:
         assert labels.get(NODE) == GPU_NODE, labels
+        # Which of the node's GPU daemons (and its workers) a series is about.
+        assert labels.get(constants.LABEL_GPU_METRIC) == "0", labels
         # honorLabels: the exporter's `node` is kept as is, not renamed exported_node.
         assert "exported_node" not in labels, labels
 
@@ -302,9 +307,11 @@ def test_the_operators_queries_see_per_node_values(prometheus: dict[str, Any]) -
     client = operator_prom.PromClient(prometheus["url"])
     seen = asyncio.run(operator_prom.observe(client, queries))
     assert seen.ok, seen.error
-    assert seen.utilization == {GPU_NODE: pytest.approx(0.8)}
-    assert set(seen.slot_wait_s) == {GPU_NODE}
-    assert 0 < seen.slot_wait_s[GPU_NODE] < 1
+    # Keyed by GPU daemon: the pods' clipline.dev/gpu label became the `gpu` label.
+    assert seen.utilization == {(GPU_NODE, 0): pytest.approx(0.8)}
+    assert set(seen.slot_wait_s) == {(GPU_NODE, 0)}
+    assert 0 < seen.slot_wait_s[(GPU_NODE, 0)] < 1
+    assert seen.gpu_utilization(GPU_NODE, 0) == pytest.approx(0.8)
     assert seen.queue_depth == 4
 
 

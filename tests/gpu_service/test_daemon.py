@@ -230,10 +230,18 @@ def test_metrics_readiness_and_heartbeat_while_fed_by_two_producers(
     assert samples[(f"{constants.Metric.BATCH_SIZE}_count", labels)] == batches
     assert samples[(f"{constants.Metric.BATCH_SIZE}_sum", labels)] == 12
     assert samples[(f"{constants.Metric.INFERENCE_SECONDS}_count", labels)] == batches
-    assert samples[(f"{constants.Metric.QUEUE_WAIT_SECONDS}_count", ())] == 12
+    assert samples[(f"{constants.Metric.ARENA_WAIT_SECONDS}_count", ())] == 12
     busy = samples[(constants.Metric.DEVICE_BUSY_RATIO, (("node", s.node_name),))]
     assert 0.0 < busy <= 1.0
     assert not any(name == constants.Metric.GPU_UTILIZATION_RATIO for name, _ in samples)
+    # the daemon's own series only: none of the workers' or the API's
+    assert not any(
+        name.startswith((constants.Metric.JOBS_IN_FLIGHT, constants.Metric.FRAMES_DECODED_TOTAL))
+        or name.startswith(constants.Metric.JOBS_TOTAL.removesuffix("_total"))
+        for name, _ in samples
+    )
+    info = [lab for name, lab in samples if name == constants.Metric.BUILD_INFO]
+    assert len(info) == 1 and ("role", "gpu-daemon") in info[0]
     assert hb["device"] == "cpu" and hb["models"] == "features:eager:1"
     assert int(hb["items"]) == 12 and int(hb["batches"]) == batches and hb["ready"] == "1"
     assert float(hb["busy_s"]) > 0

@@ -188,11 +188,24 @@ def test_batcher_forms_full_batches_waits_for_the_delay_and_groups_compatible_it
         _desc(0),
         _desc(1, shape=(3, SIZE, SIZE, 3)),
         _desc(2, shape=(FRAMES, 16, 16, 3)),
-        _desc(3, kind=ChunkKind.REFS, shape=(2, SIZE, SIZE, 3)),
+        _desc(3, kind=ChunkKind.REFS, shape=(2, SIZE, SIZE, 3), job_id="other"),
         _desc(4),
     ]
     sel = batcher.select(mixed, now=101.0)
     assert sel is not None and [d.slot for d in sel.items] == [0, 4]
+    # A job's frames wait for its own refs chunk, even behind another job's frames.
+    own = [
+        _desc(0, job_id="a"),
+        _desc(1, job_id="b", arrival=1.0),
+        _desc(2, job_id="b", kind=ChunkKind.REFS, shape=(2, SIZE, SIZE, 3), arrival=1.0),
+        _desc(3, job_id="c", arrival=2.0),
+    ]
+    sel = batcher.select(own, now=101.0)
+    assert sel is not None and [d.slot for d in sel.items] == [0, 3]  # b's frames held back
+    sel = batcher.select(own[1:3], now=101.0)
+    assert sel is not None and [d.slot for d in sel.items] == [2]  # b's refs go first
+    sel = batcher.select([own[1], _desc(2, job_id="b", generation=2, kind=ChunkKind.REFS)], 101.0)
+    assert sel is not None and [d.slot for d in sel.items] == [1]  # another generation's refs
     refs = [_desc(0, kind=ChunkKind.REFS, shape=(2, SIZE, SIZE, 3)), _desc(1, kind=ChunkKind.REFS)]
     sel = batcher.select(refs, now=101.0)
     assert sel is not None and [d.slot for d in sel.items] == [0, 1]  # padded kind

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client import REGISTRY
 
-from clipline_core import constants
+from clipline_core import constants, metrics
 from clipline_core.errors import ClipError, ErrorCode
 from gpu_service.shm import ArenaLayout, Consumer, Producer, SlotState
 
@@ -36,7 +35,9 @@ def names(deployment: str) -> Iterator[tuple[Path, Path]]:
 
 
 def reclaimed_total() -> float:
-    return REGISTRY.get_sample_value("clipline_shm_slots_reclaimed_total") or 0.0
+    """Slots the consumer (the GPU daemon's side) counted as reclaimed."""
+    daemon = metrics.registry(constants.MetricRole.GPU_DAEMON)
+    return daemon.get_sample_value("clipline_shm_slots_reclaimed_total") or 0.0
 
 
 def killed_when_ready(body: Callable[[Any], None]) -> int:

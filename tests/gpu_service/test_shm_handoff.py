@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from prometheus_client import REGISTRY
 
-from clipline_core import constants
+from clipline_core import constants, metrics
 from clipline_core.errors import ClipError, ErrorCode
 from gpu_service.shm import ArenaLayout, ChunkKind, Consumer, Producer, SlotState
 
@@ -50,7 +49,12 @@ def publish(producer: Producer, job: str, *, value: int = 0, **kw: Any) -> None:
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
-    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+    """A sample of this process's metrics, from the registry of whichever role owns it."""
+    for role in constants.MetricRole:
+        value = metrics.registry(role).get_sample_value(name, labels or {})
+        if value is not None:
+            return value
+    return 0.0
 
 
 def test_consumer_sees_the_producers_pages_without_a_copy(

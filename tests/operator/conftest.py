@@ -1,10 +1,12 @@
 """Shared fixtures of the operator tests: a real Prometheus scraping real exporters.
 
-``prometheus`` (session scope) serves two ``prometheus_client`` exporters from this test
-process, each on its own loopback port, and starts the ``prometheus`` binary on a free
-loopback port with a 1-second scrape of both. Static target labels give each exporter a
-``namespace`` (``ns-load``: nodes with load and a backlog; ``ns-idle``: an empty queue)
-so the operator's default selector ``namespace="{namespace}"`` picks one or the other.
+``prometheus`` (session scope) serves three ``prometheus_client`` exporters from this
+test process, each on its own loopback port, and starts the ``prometheus`` binary on a
+free loopback port with a 1-second scrape of them. Static target labels give each
+exporter a ``namespace`` (``ns-load``: nodes with load and a backlog; ``ns-idle``: an
+empty queue; ``ns-gpus``: the GPU daemons of a four-GPU node, labelled ``node`` and
+``gpu``, beside a one-GPU node without ``gpu``) so the operator's default selector
+``namespace="{namespace}"`` picks one of them.
 The values are set before Prometheus starts and stay fixed (the slot-wait histogram
 is fed at a steady rate by a background thread) so window averages are exact.
 """
@@ -21,6 +23,9 @@ from typing import Any
 import httpx
 import pytest
 from op_helpers import (
+    GPU_DAEMONS,
+    GPU_PLAIN_NODES,
+    GPU_QUEUE,
     IDLE_NODES,
     LOAD_NODES,
     LOAD_QUEUE,
@@ -31,7 +36,7 @@ from op_helpers import (
 )
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
-from clipline_core.constants import LABEL_NODE_METRIC, LABEL_PRIORITY, Metric
+from clipline_core.constants import LABEL_GPU_METRIC, LABEL_NODE_METRIC, LABEL_PRIORITY, Metric
 
 
 def _exporter(
@@ -41,7 +46,7 @@ def _exporter(
     util = Gauge(
         Metric.GPU_UTILIZATION_RATIO, "GPU busy ratio", [LABEL_NODE_METRIC], registry=registry
     )
-    depth = Gauge(Metric.QUEUE_DEPTH, "Queued jobs", [LABEL_PRIORITY], registry=registry)
+    depth = Gauge(Metric.BACKLOG_JOBS, "Queued jobs", [LABEL_PRIORITY], registry=registry)
     wait = Histogram(
         Metric.SHM_RESERVE_WAIT_SECONDS,
         "Slot reservation waits",
@@ -71,6 +76,27 @@ def _exporter(
     return port, server, stop
 
 
+def _gpu_exporter() -> tuple[int, Any]:
+    """Per-GPU utilization (``node`` and ``gpu`` labels) and a queue, for ns-gpus."""
+    registry = CollectorRegistry()
+    util = Gauge(
+        Metric.GPU_UTILIZATION_RATIO,
+        "GPU busy ratio",
+        [LABEL_NODE_METRIC, LABEL_GPU_METRIC],
+        registry=registry,
+    )
+    depth = Gauge(Metric.BACKLOG_JOBS, "Queued jobs", [LABEL_PRIORITY], registry=registry)
+    for (node, gpu), value in GPU_DAEMONS.items():
+        util.labels(node, str(gpu)).set(value)
+    for node, value in GPU_PLAIN_NODES.items():
+        util.labels(node, "").set(value)  # an empty label is no label in Prometheus
+    for prio, value in GPU_QUEUE.items():
+        depth.labels(prio).set(value)
+    port = free_port()
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    return port, server
+
+
 @pytest.fixture(scope="session")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PromFixture]:
     binary = shutil.which("prometheus")
@@ -78,6 +104,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PromFixture
         pytest.skip("the Debian 'prometheus' binary is not installed (apt-get install prometheus)")
     load_port, load_server, load_stop = _exporter(LOAD_NODES, LOAD_QUEUE, with_waits=True)
     idle_port, idle_server, idle_stop = _exporter(IDLE_NODES, {"normal": 0.0}, with_waits=False)
+    gpus_port, gpus_server = _gpu_exporter()
     tmp = tmp_path_factory.mktemp("prometheus")
     port = free_port()
     config = tmp / "prometheus.yml"
@@ -90,6 +117,8 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PromFixture
         "        labels: {namespace: ns-load}\n"
         f"      - targets: ['127.0.0.1:{idle_port}']\n"
         "        labels: {namespace: ns-idle}\n"
+        f"      - targets: ['127.0.0.1:{gpus_port}']\n"
+        "        labels: {namespace: ns-gpus}\n"
     )
     proc = subprocess.Popen(
         [
@@ -115,7 +144,10 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PromFixture
                 raise RuntimeError("prometheus did not become ready")
             time.sleep(0.1)
         # Two samples of every series (so rate() over the wait histogram has data).
-        fixture.wait_for(f"{Metric.GPU_UTILIZATION_RATIO}", count=len(LOAD_NODES) + 1)
+        fixture.wait_for(
+            f"{Metric.GPU_UTILIZATION_RATIO}",
+            count=len(LOAD_NODES) + len(IDLE_NODES) + len(GPU_DAEMONS) + len(GPU_PLAIN_NODES),
+        )
         fixture.wait_for(
             f"count_over_time({Metric.SHM_RESERVE_WAIT_SECONDS}_sum[{WINDOW_S}s]) >= {WINDOW_S}",
             count=1,
@@ -132,3 +164,4 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PromFixture
             stop.set()
         load_server.shutdown()
         idle_server.shutdown()
+        gpus_server.shutdown()

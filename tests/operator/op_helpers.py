@@ -29,6 +29,17 @@ LOAD_NODES = {
 WAIT_RATE = 0.5
 LOAD_QUEUE = {"high": 5.0, "normal": 20.0, "low": 0.0}
 IDLE_NODES = {"node-idle": 0.30}
+#: Per-GPU utilization exported under namespace ns-gpus (labels node and gpu, as the
+#: chart's PodMonitor gives the daemons of a multi-GPU node): (node, gpu) -> value.
+GPU_DAEMONS = {
+    ("node-quad", 0): 0.97,
+    ("node-quad", 1): 0.40,
+    ("node-quad", 2): 0.97,
+    ("node-quad", 3): 0.60,
+}
+#: A one-GPU node of ns-gpus whose series has no gpu label (a scrape that adds none).
+GPU_PLAIN_NODES = {"node-single": 0.97}
+GPU_QUEUE = {"normal": 12.0}
 #: The query window the tests use (seconds; the fixture waits until it is full).
 WINDOW_S = 3
 
@@ -86,7 +97,9 @@ def declare_resources(k: kmock.KubernetesEmulator) -> None:
     k.resources["v1/events"] = info(kind="Event", namespaced=True, verbs=verbs)
     k.resources["v1/nodes"] = info(kind="Node", namespaced=False, verbs=verbs)
     k.resources["apps/v1/deployments"] = info(kind="Deployment", namespaced=True, verbs=verbs)
-    k.resources["apps/v1/daemonsets"] = info(kind="DaemonSet", namespaced=True, verbs=verbs)
+    k.resources["policy/v1/poddisruptionbudgets"] = info(
+        kind="PodDisruptionBudget", namespaced=True, verbs=verbs
+    )
     k.resources["kopf.dev/v1/clusterkopfpeerings"] = info(
         kind="ClusterKopfPeering", namespaced=False, verbs=verbs
     )

@@ -41,15 +41,17 @@ def full() -> Pipeline:
 
 def test_objects_validate_against_kubernetes_schemas(full: Pipeline) -> None:
     for pipeline in (_pipeline(), full):
-        kubernetes_validate.validate(builders.build_daemonset(pipeline), K8S_VERSION, strict=True)
+        kubernetes_validate.validate(
+            builders.build_daemon_deployment(pipeline, "gpu-1", 0), K8S_VERSION, strict=True
+        )
         for node in ("gpu-node-1", "ip-10-0-1-23.eu-west-1.compute.internal", "n" * 200):
-            dep = builders.build_worker_deployment(pipeline, node, 3)
+            dep = builders.build_worker_deployment(pipeline, node, 0, 3)
             kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
 
 
 def test_daemon_and_workers_share_the_node_local_arena(full: Pipeline) -> None:
-    ds = builders.build_daemonset(full)
-    dep = builders.build_worker_deployment(full, "gpu-1", 2)
+    ds = builders.build_daemon_deployment(full, "gpu-1", 0)
+    dep = builders.build_worker_deployment(full, "gpu-1", 0, 2)
     host_paths = []
     for obj in (ds, dep):
         pod = _pod(obj)
@@ -62,6 +64,7 @@ def test_daemon_and_workers_share_the_node_local_arena(full: Pipeline) -> None:
         assert env["CLIPLINE_SHM_SLOTS"]["value"] == "64"
         assert env["CLIPLINE_DEPLOYMENT"]["value"] == "highlights"
         assert env["CLIPLINE_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+        assert env["CLIPLINE_GPU_INDEX"]["value"] == "0"
         assert env["CLIPLINE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
             "name": "clipline-redis",
             "key": "url",
@@ -76,11 +79,17 @@ def test_daemon_and_workers_share_the_node_local_arena(full: Pipeline) -> None:
         assert init["securityContext"]["allowPrivilegeEscalation"] is False
         assert str(constants.CONTAINER_UID) in init["command"]
     assert host_paths[0] == host_paths[1]
-    assert host_paths[0] == {"path": "/dev/shm/clipline-highlights", "type": "DirectoryOrCreate"}
+    assert host_paths[0] == {
+        "path": "/dev/shm/clipline-highlights-gpu0",
+        "type": "DirectoryOrCreate",
+    }
 
 
 def test_long_running_containers_are_locked_down(full: Pipeline) -> None:
-    for obj in (builders.build_daemonset(full), builders.build_worker_deployment(full, "g", 1)):
+    for obj in (
+        builders.build_daemon_deployment(full, "gpu-1", 0),
+        builders.build_worker_deployment(full, "g", 0, 1),
+    ):
         pod = _pod(obj)
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] == constants.CONTAINER_UID == 10001
@@ -98,7 +107,7 @@ def test_long_running_containers_are_locked_down(full: Pipeline) -> None:
 
 
 def test_daemon_owns_the_gpu_and_exposes_metrics(full: Pipeline) -> None:
-    ds = builders.build_daemonset(full)
+    ds = builders.build_daemon_deployment(full, "gpu-1", 0)
     pod = _pod(ds)
     c = pod["containers"][0]
     assert c["args"] == ["gpu-daemon"]
@@ -113,7 +122,7 @@ def test_daemon_owns_the_gpu_and_exposes_metrics(full: Pipeline) -> None:
 
 def test_workers_are_pinned_to_their_node_without_gpu(full: Pipeline) -> None:
     node = "ip-10-0-1-23.eu-west-1.compute.internal"
-    dep = builders.build_worker_deployment(full, node, 4)
+    dep = builders.build_worker_deployment(full, node, 0, 4)
     pod = _pod(dep)
     assert dep["spec"]["replicas"] == 4
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
@@ -134,7 +143,7 @@ def test_workers_are_pinned_to_their_node_without_gpu(full: Pipeline) -> None:
 
 def test_owner_references_and_names() -> None:
     p = _pipeline("video")
-    ds = builders.build_daemonset(p)
+    ds = builders.build_daemon_deployment(p, "gpu-1", 0)
     (ref,) = ds["metadata"]["ownerReferences"]
     assert ref == {
         "apiVersion": "clipline.dev/v1alpha1",
@@ -145,22 +154,25 @@ def test_owner_references_and_names() -> None:
         "blockOwnerDeletion": True,
     }
     long_node = "n" * 200
-    dep = builders.build_worker_deployment(p, long_node, 1)
+    dep = builders.build_worker_deployment(p, long_node, 0, 1)
     assert dep["metadata"]["ownerReferences"] == [ref]
     assert len(dep["metadata"]["name"]) <= 63
     assert len(dep["metadata"]["labels"][constants.LABEL_NODE]) <= 63
-    other = builders.build_worker_deployment(p, "n" * 199, 1)
+    other = builders.build_worker_deployment(p, "n" * 199, 0, 1)
     assert other["metadata"]["name"] != dep["metadata"]["name"]
-    assert builders.build_worker_deployment(p, "gpu-1", 1)["metadata"]["name"] == (
-        "video-workers-gpu-1"
+    assert builders.build_worker_deployment(p, "gpu-1", 0, 1)["metadata"]["name"] == (
+        "video-workers-gpu-1-0"
+    )
+    assert (
+        builders.build_daemon_deployment(p, "gpu-1", 3)["metadata"]["name"] == "video-gpu-gpu-1-3"
     )
 
 
 def test_every_env_var_is_a_clipline_setting() -> None:
     fields = {f"CLIPLINE_{name.upper()}" for name in Settings.__dataclass_fields__}
     for obj in (
-        builders.build_daemonset(_pipeline()),
-        builders.build_worker_deployment(_pipeline(), "n", 1),
+        builders.build_daemon_deployment(_pipeline(), "n", 0),
+        builders.build_worker_deployment(_pipeline(), "n", 0, 1),
     ):
         names = {e["name"] for e in _pod(obj)["containers"][0]["env"]}
         assert names <= fields, names - fields
@@ -170,9 +182,9 @@ def test_every_env_var_is_a_clipline_setting() -> None:
 
 def test_spec_hash_ignores_replicas_but_not_the_image() -> None:
     p = _pipeline()
-    a = builders.build_worker_deployment(p, "n", 1)
-    b = builders.build_worker_deployment(p, "n", 9)
-    c = builders.build_worker_deployment(_pipeline(image="other:2"), "n", 1)
+    a = builders.build_worker_deployment(p, "n", 0, 1)
+    b = builders.build_worker_deployment(p, "n", 0, 9)
+    c = builders.build_worker_deployment(_pipeline(image="other:2"), "n", 0, 1)
     key = builders.ANNOTATION_SPEC_HASH
     assert a["metadata"]["annotations"][key] == b["metadata"]["annotations"][key]
     assert a["metadata"]["annotations"][key] != c["metadata"]["annotations"][key]
@@ -185,6 +197,12 @@ def test_spec_hash_ignores_replicas_but_not_the_image() -> None:
 def test_cpu_cap_from_allocatable(allocatable: str | None, expected: int | None) -> None:
     # gpu.resources.requests.cpu = 1, workers request 1 CPU each (defaults)
     assert builders.workers_cpu_cap(_pipeline(), allocatable) == expected
+
+
+def test_cpu_cap_leaves_room_for_every_gpu_daemon() -> None:
+    # 4 daemons of 1 CPU each on a 16-CPU node leave 12 one-CPU workers to share.
+    assert builders.workers_cpu_cap(_pipeline(), "16", daemons=4) == 12
+    assert builders.workers_cpu_cap(_pipeline(), "3", daemons=4) == 0
 
 
 def test_cpu_quantities() -> None:
@@ -202,20 +220,20 @@ def _env_of(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_workers_alone_get_the_callback_secret_from_its_secret(full: Pipeline) -> None:
     secret = builders.env_name("callback_secret")
     assert secret == "CLIPLINE_CALLBACK_SECRET"
-    workers = _env_of(builders.build_worker_deployment(full, "gpu-1", 2))
+    workers = _env_of(builders.build_worker_deployment(full, "gpu-1", 0, 2))
     assert workers[secret] == {
         "name": secret,
         "valueFrom": {"secretKeyRef": {"name": "clipline-callbacks", "key": "secret"}},
     }
     # The GPU daemon never needs it (least privilege), not even through extraEnv.
-    assert secret not in _env_of(builders.build_daemonset(full))
+    assert secret not in _env_of(builders.build_daemon_deployment(full, "gpu-1", 0))
     leaky = _pipeline(
         callbacks={"secretRef": {"name": "cb", "key": "hmac"}},
         extraEnv=[{"name": secret, "value": "plain-text"}],
     )
-    assert secret not in _env_of(builders.build_daemonset(leaky))
+    assert secret not in _env_of(builders.build_daemon_deployment(leaky, "gpu-1", 0))
     # The Secret wins over a plain value in extraEnv, and appears once.
-    env = _pod(builders.build_worker_deployment(leaky, "n", 1))["containers"][0]["env"]
+    env = _pod(builders.build_worker_deployment(leaky, "n", 0, 1))["containers"][0]["env"]
     assert [e for e in env if e["name"] == secret] == [
         {"name": secret, "valueFrom": {"secretKeyRef": {"name": "cb", "key": "hmac"}}}
     ]
@@ -224,25 +242,26 @@ def test_workers_alone_get_the_callback_secret_from_its_secret(full: Pipeline) -
 def test_callback_secret_key_defaults_and_absence() -> None:
     with_ref = _pipeline(callbacks={"secretRef": {"name": "cb"}})
     assert with_ref.spec["callbacks"]["secretRef"] == {"name": "cb", "key": "secret"}
-    env = _env_of(builders.build_worker_deployment(with_ref, "n", 1))
+    env = _env_of(builders.build_worker_deployment(with_ref, "n", 0, 1))
     assert env["CLIPLINE_CALLBACK_SECRET"]["valueFrom"]["secretKeyRef"] == {
         "name": "cb",
         "key": "secret",
     }
     kubernetes_validate.validate(
-        builders.build_worker_deployment(with_ref, "n", 1), K8S_VERSION, strict=True
+        builders.build_worker_deployment(with_ref, "n", 0, 1), K8S_VERSION, strict=True
     )
     plain = _pipeline()
     assert "callbacks" not in plain.spec
-    plain_workers = builders.build_worker_deployment(plain, "n", 1)
+    plain_workers = builders.build_worker_deployment(plain, "n", 0, 1)
     assert "CLIPLINE_CALLBACK_SECRET" not in _env_of(plain_workers)
     # Turning callbacks on restarts the workers, never the GPU daemon.
     key = builders.ANNOTATION_SPEC_HASH
     daemons = [
-        builders.build_daemonset(p)["metadata"]["annotations"][key] for p in (plain, with_ref)
+        builders.build_daemon_deployment(p, "gpu-1", 0)["metadata"]["annotations"][key]
+        for p in (plain, with_ref)
     ]
     workers = [
-        builders.build_worker_deployment(p, "n", 1)["metadata"]["annotations"][key]
+        builders.build_worker_deployment(p, "n", 0, 1)["metadata"]["annotations"][key]
         for p in (plain, with_ref)
     ]
     assert daemons[0] == daemons[1]

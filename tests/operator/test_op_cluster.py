@@ -1,10 +1,12 @@
 """``cluster.KubeApi`` over real HTTP against kmock's Kubernetes emulator (no API server
-can run here; see ``op_helpers.Emulator``), and the handlers' error mapping."""
+can run here; see ``op_helpers.Emulator``), ``reconcile.sync_objects`` through it on
+nodes with several GPUs, and the handlers' error mapping."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import kmock
 import kopf
@@ -12,18 +14,28 @@ import pytest
 import pytest_asyncio
 from op_helpers import Emulator, declare_resources
 
-from clipline_operator import builders, handlers
+from clipline_core import constants
+from clipline_operator import builders, handlers, reconcile
 from clipline_operator.builders import Pipeline
 from clipline_operator.cluster import KubeApi, KubeApiError
 
 
-def _pipeline(image: str = "img:1") -> Pipeline:
+def _pipeline(image: str = "img:1", **spec: Any) -> Pipeline:
     return Pipeline.from_body(
         {
             "metadata": {"name": "p", "namespace": "ns", "uid": "uid-p"},
-            "spec": {"image": image, "redis": {"secretRef": {"name": "r"}}},
+            "spec": {"image": image, "redis": {"secretRef": {"name": "r"}}, **spec},
         }
     )
+
+
+def _node(name: str, labels: dict[str, str], allocatable: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "status": {"allocatable": allocatable},
+    }
 
 
 @pytest_asyncio.fixture
@@ -43,19 +55,19 @@ async def test_apply_creates_then_leaves_alone_then_replaces_keeping_replicas(
     api: tuple[Emulator, KubeApi],
 ) -> None:
     _, client = api
-    dep = builders.build_worker_deployment(_pipeline(), "gpu-1", 1)
+    dep = builders.build_worker_deployment(_pipeline(), "gpu-1", 0, 1)
     live, action = await client.apply(dep, keep_replicas=True)
     assert action == "created" and live["spec"]["replicas"] == 1
     _, action = await client.apply(dep, keep_replicas=True)
     assert action == "unchanged"
     await client.scale_deployment("ns", dep["metadata"]["name"], 5)
-    newer = builders.build_worker_deployment(_pipeline("img:2"), "gpu-1", 1)
+    newer = builders.build_worker_deployment(_pipeline("img:2"), "gpu-1", 0, 1)
     live, action = await client.apply(newer, keep_replicas=True)
     assert action == "replaced"
     assert live["spec"]["replicas"] == 5  # the autoscaler's count survives a spec change
     assert live["spec"]["template"]["spec"]["containers"][0]["image"] == "img:2"
     listed = await client.list_deployments("ns", builders.selector_labels(_pipeline(), "workers"))
-    assert [d["metadata"]["name"] for d in listed] == ["p-workers-gpu-1"]
+    assert [d["metadata"]["name"] for d in listed] == ["p-workers-gpu-1-0"]
     assert await client.list_deployments("ns", {"app.kubernetes.io/instance": "other"}) == []
     await client.delete(live)
     await client.delete(live)  # already gone: fine
@@ -66,14 +78,85 @@ async def test_apply_creates_then_leaves_alone_then_replaces_keeping_replicas(
 async def test_nodes_are_filtered_by_labels(api: tuple[Emulator, KubeApi]) -> None:
     k, client = api
     for name, labels, cpu in (("g1", {"gpu": "y"}, "8"), ("c1", {}, "4")):
-        k.objects["v1/nodes", None, name] = {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": name, "labels": labels},
-            "status": {"allocatable": {"cpu": cpu}},
-        }
+        k.objects["v1/nodes", None, name] = _node(name, labels, {"cpu": cpu, "nvidia.com/gpu": "4"})
     nodes = await client.list_nodes({"gpu": "y"})
     assert [(n.name, n.allocatable_cpu, n.ready) for n in nodes] == [("g1", "8", True)]
+    assert nodes[0].allocatable["nvidia.com/gpu"] == "4"
+
+
+def _names(k: Emulator, plural: str) -> set[str]:
+    return {
+        name
+        for (res, _, name), obj in k.objects.items()
+        if res.plural == plural and not obj.deleted
+    }
+
+
+@pytest.mark.asyncio
+async def test_sync_runs_one_daemon_per_gpu_and_follows_the_nodes(
+    api: tuple[Emulator, KubeApi],
+) -> None:
+    """Two GPU nodes, one with 4 GPUs: 5 daemons, each with its workers; GPUs going away,
+    a cordoned node and a disabled budget remove what they should."""
+    k, client = api
+    gpu = {"nvidia.com/gpu.present": "true"}
+    k.objects["v1/nodes", None, "quad"] = _node("quad", gpu, {"cpu": "32", "nvidia.com/gpu": "4"})
+    k.objects["v1/nodes", None, "single"] = _node(
+        "single", gpu, {"cpu": "8", "nvidia.com/gpu": "1"}
+    )
+    k.objects["v1/nodes", None, "cpu"] = _node("cpu", {}, {"cpu": "64"})
+    p = _pipeline()
+    sync = await reconcile.sync_objects(client, p, {})
+    assert sync.gpus == {"quad": 4, "single": 1}
+    assert sorted(sync.created) == [
+        ("quad", 0),
+        ("quad", 1),
+        ("quad", 2),
+        ("quad", 3),
+        ("single", 0),
+    ]
+    daemons = {f"p-gpu-quad-{i}" for i in range(4)} | {"p-gpu-single-0"}
+    workers = {f"p-workers-quad-{i}" for i in range(4)} | {"p-workers-single-0"}
+    assert _names(k, "deployments") == daemons | workers
+    assert _names(k, "poddisruptionbudgets") == {"p-workers"}
+    arenas = set()
+    for (node, gpu_index), dep in sync.deployments.items():
+        pod = dep["spec"]["template"]["spec"]
+        daemon_pod = sync.daemons[(node, gpu_index)]["spec"]["template"]["spec"]
+        (arena,) = [v["hostPath"]["path"] for v in pod["volumes"] if v["name"] == "arena"]
+        assert arena in str(daemon_pod["volumes"])
+        arenas.add((node, arena))
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert labels[constants.LABEL_GPU] == str(gpu_index)
+        assert dep["spec"]["replicas"] == 1
+    assert len({arena for node, arena in arenas if node == "quad"}) == 4  # node-local
+    # The status names every daemon; the next sync keeps the autoscaler's counts.
+    status = reconcile.status_for(p, {}, sync, None, now=0.0)
+    assert (status["gpuNodes"], status["gpus"], status["totalWorkers"]) == (2, 5, 5)
+    quad = next(n for n in status["nodes"] if n["name"] == "quad")
+    assert [d["gpu"] for d in quad["daemons"]] == [0, 1, 2, 3]
+    assert quad["maxWorkers"] == 28  # 32 CPUs less 4 daemons of 1 CPU, 1 CPU per worker
+
+    # The quad node's device plugin now reports 2 GPUs, "single" is cordoned.
+    k.objects["v1/nodes", None, "quad"].patch({"status": {"allocatable": {"nvidia.com/gpu": "2"}}})
+    k.objects["v1/nodes", None, "single"].patch({"spec": {"unschedulable": True}})
+    sync = await reconcile.sync_objects(client, p, status)
+    assert sync.gpus == {"quad": 2} and sync.cordoned == ["single"]
+    assert sorted(sync.deleted) == [("quad", 2), ("quad", 3), ("single", 0)]
+    assert _names(k, "deployments") == {
+        "p-gpu-quad-0",
+        "p-gpu-quad-1",
+        "p-workers-quad-0",
+        "p-workers-quad-1",
+    }
+    status = reconcile.status_for(p, status, sync, None, now=1.0)
+    assert status["gpus"] == 2
+
+    # No budget wanted: it goes; the daemons stay.
+    off = _pipeline(workers={"podDisruptionBudget": {"enabled": False}})
+    await reconcile.sync_objects(client, off, status)
+    assert _names(k, "poddisruptionbudgets") == set()
+    assert len(_names(k, "deployments")) == 4
 
 
 @pytest.mark.asyncio

@@ -27,7 +27,7 @@ BAD = sorted((EXAMPLES / "bad").glob("*.yaml"))
 BAD_REASONS = {
     "missing-image.yaml": "image",
     "target-above-one.yaml": "targetGpuUtilization",
-    "min-above-max.yaml": "minWorkersPerNode",
+    "min-above-max.yaml": "minWorkersPerGpu",
     "unknown-backend.yaml": "backend",
     "typo-field.yaml": "maxWorkerPerNode",
     "tiny-arena.yaml": "slot",
@@ -113,7 +113,7 @@ def test_defaults_match_the_issue() -> None:
     spec = crd.with_defaults({"image": "x", "redis": {"secretRef": {"name": "r"}}})
     scaling = spec["autoscaling"]
     assert scaling["targetGpuUtilization"] == 0.95
-    assert scaling["minWorkersPerNode"] >= 1  # never zero by default
+    assert scaling["minWorkersPerGpu"] >= 1  # never zero by default
     assert scaling["prometheus"]["url"].startswith("http")
     assert spec["redis"]["secretRef"]["key"] == "url"
     assert spec["gpu"]["tolerations"][0]["key"] == "nvidia.com/gpu"

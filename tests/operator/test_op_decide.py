@@ -1,5 +1,5 @@
 """The pure autoscaling decision: each rule of the issue, the bounds, the stabilization
-windows, and holding on missing data."""
+windows, holding on missing data, and a node's GPU daemons sharing its CPU."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from clipline_operator.decide import (
     Reason,
     Recommendation,
     decide,
+    decide_node,
     history_from_status,
     history_to_status,
+    share_budget,
 )
 
 POLICY = Policy(up_window_s=0, down_window_s=0)
@@ -181,3 +183,72 @@ def test_history_round_trip_and_pruning() -> None:
     assert [r.time for r in d.history] == [200.5, 250.0]  # 100 is older than both windows
     seeded = decide(obs(4, 0.95), Policy(up_window_s=30, down_window_s=60), [], now=250.0)
     assert seeded.history[0].workers == 4 and 250.0 - seeded.history[0].time > 30
+
+
+# ---------------------------------------------------------------------------
+# Several GPU daemons on one node.
+# ---------------------------------------------------------------------------
+def test_each_gpu_is_decided_from_its_own_utilization() -> None:
+    gpus = [obs(4, 0.50), obs(4, 0.97), obs(4, None), obs(4, 0.20, wait=0.6)]
+    d = decide_node(gpus, POLICY, [[], [], [], []], now=0)
+    assert [x.reason for x in d] == [
+        Reason.FEEDERS_SHORT,
+        Reason.AT_TARGET,
+        Reason.NO_DATA,
+        Reason.FEEDERS_BLOCKED,
+    ]
+    assert [x.desired for x in d] == [8, 4, 4, 4]
+    # Alone, each is exactly the single-daemon decision.
+    assert d[0] == decide(gpus[0], POLICY, [], now=0)
+
+
+def test_node_cpu_is_shared_by_its_gpus() -> None:
+    # Four GPUs, 24 worker pods of CPU: three starving ones want 8 each, a slow one at
+    # target keeps 3: the slow one's spare share goes to the others (7 each), never
+    # more than the node holds.
+    gpus = [obs(4, 0.50), obs(4, 0.50), obs(4, 0.50), obs(3, 0.97)]
+    d = decide_node(gpus, POLICY, [[]] * 4, now=0, cpu_cap=24)
+    assert [x.desired for x in d] == [7, 7, 7, 3]
+    assert sum(x.desired for x in d) == 24
+    assert [x.limited_by for x in d][:3] == ["AllocatableCPU"] * 3
+    assert d[3].limited_by is None
+    assert "share its CPU" in d[0].message
+    # Enough CPU: nothing is limited.
+    free = decide_node(gpus, POLICY, [[]] * 4, now=0, cpu_cap=64)
+    assert [x.desired for x in free] == [8, 8, 8, 3]
+
+
+def test_sharing_takes_no_daemon_below_its_step_floor() -> None:
+    # One GPU grew to 12 while the others were idle; now all want more than fits. The big
+    # one sheds only maxStepDown (1) per period, the others fill what is left.
+    policy = Policy(up_window_s=0, down_window_s=0, max_step_down=1)
+    gpus = [obs(12, 0.90), obs(2, 0.30), obs(2, 0.30)]
+    d = decide_node(gpus, policy, [[]] * 3, now=0, cpu_cap=16)
+    assert d[0].desired == 11
+    assert sum(x.desired for x in d) == 16
+    assert sorted(x.desired for x in d[1:]) == [2, 3]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_share_budget_properties(seed: int) -> None:
+    rnd = random.Random(seed)
+    n = rnd.randint(1, 8)
+    wanted = [rnd.randint(0, 20) for _ in range(n)]
+    floors = [rnd.randint(0, w) for w in wanted]
+    budget = rnd.randint(0, 80)
+    out = share_budget(wanted, floors, budget)
+    assert all(0 <= o <= w for o, w in zip(out, wanted, strict=True))
+    if sum(wanted) <= budget:
+        assert out == wanted
+        return
+    assert sum(out) == budget  # the whole budget is used when there is demand for it
+    if sum(floors) <= budget:
+        assert all(o >= f for o, f in zip(out, floors, strict=True))
+    # Max-min fair: a daemon left below what it wants is never more than one pod
+    # behind any other that got more than its floor.
+    for i, (o, w) in enumerate(zip(out, wanted, strict=True)):
+        if o < w:
+            for j, other in enumerate(out):
+                if j != i and other > max(floors[j] if sum(floors) <= budget else 0, o):
+                    assert other <= o + 1, (wanted, floors, budget, out)
+    assert share_budget(wanted, floors, budget) == out  # deterministic

@@ -28,20 +28,31 @@ import httpx
 import kmock
 import pytest
 import pytest_asyncio
-from op_helpers import CRD_RES, WINDOW_S, Emulator, PromFixture, declare_resources, free_port
+from op_helpers import (
+    CRD_RES,
+    GPU_DAEMONS,
+    WINDOW_S,
+    Emulator,
+    PromFixture,
+    declare_resources,
+    free_port,
+)
 
 from clipline_core import constants
 
 GPU_LABEL = {"clipline.dev/gpu": "yes"}
 
 
-def _node(name: str, labels: dict[str, str], cpu: str = "16") -> dict[str, Any]:
+def _node(
+    name: str, labels: dict[str, str], cpu: str = "16", gpus: str | None = None
+) -> dict[str, Any]:
+    allocatable = {"cpu": cpu} if gpus is None else {"cpu": cpu, "nvidia.com/gpu": gpus}
     return {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": name, "labels": labels, "uid": f"uid-{name}", "resourceVersion": "1"},
         "status": {
-            "allocatable": {"cpu": cpu},
+            "allocatable": allocatable,
             "conditions": [{"type": "Ready", "status": "True"}],
         },
     }
@@ -110,6 +121,10 @@ async def _until(what: str, check: Callable[[], Any], timeout: float = 20.0) -> 
         await asyncio.sleep(0.1)
 
 
+def _absent(k: kmock.KubernetesEmulator, ns: str, name: str) -> bool:
+    return _find(k, "deployments", ns, name) is None
+
+
 def _condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == ctype), {})
 
@@ -118,7 +133,7 @@ def _condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
 async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Emulator, Path]]:
     async with Emulator() as k, kmock.Server(k) as server:
         declare_resources(k)
-        for ns in ("ns-load", "ns-down"):
+        for ns in ("ns-load", "ns-down", "ns-gpus"):
             k.objects["v1/namespaces", None, ns] = {
                 "apiVersion": "v1",
                 "kind": "Namespace",
@@ -153,7 +168,7 @@ async def test_operator_reconciles_scales_and_reports(
     dead = f"http://127.0.0.1:{free_port()}"
     k.objects[CRD_RES, "ns-down", "down"] = _pipeline("ns-down", "down", dead)
     broken = _pipeline("ns-load", "broken", prometheus.url)
-    broken["spec"]["autoscaling"].update(minWorkersPerNode=5, maxWorkersPerNode=2)
+    broken["spec"]["autoscaling"].update(minWorkersPerGpu=5, maxWorkersPerGpu=2)
     k.objects[CRD_RES, "ns-load", "broken"] = broken
 
     k.objects["kopf.dev/v1/clusterkopfpeerings", None, "clipline-test"] = {
@@ -186,8 +201,10 @@ async def test_operator_reconciles_scales_and_reports(
     log2_path = tmp_path / "replica2.log"
     log2 = log2_path.open("w")
     try:
-        # Reconcile: the DaemonSet and one Deployment per GPU node, none for cpu-only.
-        ds = await _until("daemonset", lambda: _raw(k, "daemonsets", "ns-load", "load-gpu"))
+        # Reconcile: a GPU daemon and its workers per (one-GPU) node, none for cpu-only.
+        ds = await _until(
+            "daemon", lambda: _raw(k, "deployments", "ns-load", "load-gpu-node-starved-0")
+        )
         assert ds["spec"]["template"]["spec"]["nodeSelector"] == GPU_LABEL
         assert ds["metadata"]["ownerReferences"][0]["uid"] == "uid-ns-load-load"
         peering = _raw(k, "clusterkopfpeerings", None, "clipline-test")
@@ -203,19 +220,18 @@ async def test_operator_reconciles_scales_and_reports(
             stderr=asyncio.subprocess.STDOUT,
         )
         for node in ("node-starved", "node-busy"):
-            name = f"load-workers-{node}"
+            name = f"load-workers-{node}-0"
             dep = await _until(name, functools.partial(_raw, k, "deployments", "ns-load", name))
             assert dep["spec"]["replicas"] == 1
-            _find(k, "deployments", "ns-load", f"load-workers-{node}").patch(
-                {"status": {"readyReplicas": 1}}
-            )
-        assert not _find(k, "deployments", "ns-load", "load-workers-cpu-only")
+            _find(k, "deployments", "ns-load", name).patch({"status": {"readyReplicas": 1}})
+        assert not _find(k, "deployments", "ns-load", "load-workers-cpu-only-0")
+        assert not _find(k, "deployments", "ns-load", "load-gpu-cpu-only-0")
 
         # A period: node-starved (utilization 0.40, backlog 25) goes 1 -> ceil(0.95/0.40) = 3.
         starved = await _until(
             "scale-up",
             lambda: (
-                _raw(k, "deployments", "ns-load", "load-workers-node-starved")["spec"]["replicas"]
+                _raw(k, "deployments", "ns-load", "load-workers-node-starved-0")["spec"]["replicas"]
                 == 3
             ),
         )
@@ -229,8 +245,9 @@ async def test_operator_reconciles_scales_and_reports(
             ),
         )
         by_node = {n["name"]: n for n in status["nodes"]}
-        assert by_node["node-busy"]["lastDecision"]["reason"] == "AtTarget"
-        assert by_node["node-busy"]["utilization"] == pytest.approx(0.97)
+        (busy,) = by_node["node-busy"]["daemons"]
+        assert busy["lastDecision"]["reason"] == "AtTarget"
+        assert busy["utilization"] == pytest.approx(0.97)
         assert _condition(status, "Ready")["status"] == "True"
         assert status["gpuNodes"] == 2
         events = await _until(
@@ -242,7 +259,7 @@ async def test_operator_reconciles_scales_and_reports(
         # Pods not ready yet: no further scale-up; once ready, the next step is bounded by
         # maxStepUp (4): ceil(3 x 0.95 / 0.40) = 8 -> 7.
         await asyncio.sleep(1.5)
-        dep_key = ("apps/v1/deployments", "ns-load", "load-workers-node-starved")
+        dep_key = ("apps/v1/deployments", "ns-load", "load-workers-node-starved-0")
         assert k.objects[dep_key].raw["spec"]["replicas"] == 3
         k.objects[dep_key].patch({"status": {"readyReplicas": 3}})
         await _until(
@@ -263,7 +280,9 @@ async def test_operator_reconciles_scales_and_reports(
             ),
         )
         assert k.objects[dep_key].raw["spec"]["replicas"] == 7
-        ds_image = _raw(k, "daemonsets", "ns-load", "load-gpu")["spec"]["template"]["spec"]
+        ds_image = _raw(k, "deployments", "ns-load", "load-gpu-node-starved-0")["spec"]["template"][
+            "spec"
+        ]
         assert ds_image["containers"][0]["image"] == "clipline:v2"
 
         # A node joins the selector, another leaves it.
@@ -272,10 +291,14 @@ async def test_operator_reconciles_scales_and_reports(
             {"metadata": {"labels": {"clipline.dev/gpu": None}}}
         )
         await _until(
-            "join", lambda: _find(k, "deployments", "ns-load", "load-workers-node-waiting")
+            "join", lambda: _find(k, "deployments", "ns-load", "load-workers-node-waiting-0")
         )
         await _until(
-            "leave", lambda: _find(k, "deployments", "ns-load", "load-workers-node-busy") is None
+            "leave",
+            lambda: (
+                _find(k, "deployments", "ns-load", "load-workers-node-busy-0") is None
+                and _find(k, "deployments", "ns-load", "load-gpu-node-busy-0") is None
+            ),
         )
 
         # Prometheus down: hold replicas, say so in status, warn once.
@@ -289,7 +312,9 @@ async def test_operator_reconciles_scales_and_reports(
         )
         assert _condition(down, "ScalingActive")["status"] == "False"
         assert all(n["desiredWorkers"] == 1 for n in down["nodes"])
-        assert all(n["lastDecision"]["direction"] == "hold" for n in down["nodes"])
+        assert all(
+            d["lastDecision"]["direction"] == "hold" for n in down["nodes"] for d in n["daemons"]
+        )
         assert [e for e in _events(k, "ns-down") if e.get("type") == "Warning"]
 
         # Invalid spec: Ready=False with the reason; nothing created for it.
@@ -300,8 +325,8 @@ async def test_operator_reconciles_scales_and_reports(
             ),
         )
         assert (bad["status"], bad["reason"]) == ("False", "InvalidSpec")
-        assert "minWorkersPerNode" in bad["message"]
-        assert not _find(k, "daemonsets", "ns-load", "broken-gpu")
+        assert "minWorkersPerGpu" in bad["message"]
+        assert not _find(k, "deployments", "ns-load", "broken-gpu-node-starved-0")
 
         # The operator's own metrics and kopf's liveness endpoint.
         async with httpx.AsyncClient() as client:
@@ -354,3 +379,131 @@ async def test_operator_reconciles_scales_and_reports(
             print("replica-2:", (tmp_path / "replica2.log").read_text()[-3000:])
         for ns, name in (("ns-load", "load"), ("ns-down", "down"), ("ns-load", "broken")):
             print(name, json.dumps(_raw(k, "clippipelines", ns, name).get("status"), indent=1))
+
+
+MULTI_LABEL = {"clipline.dev/gpu-pool": "multi"}
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_operator_runs_one_daemon_per_gpu_and_scales_each(
+    cluster: tuple[Emulator, Path], prometheus: PromFixture, tmp_path: Path
+) -> None:
+    """Two GPU nodes, one with 4 GPUs: 5 GPU daemons, each with its own arena, GPU and
+    workers; each GPU's workers follow that GPU's utilization (``GPU_DAEMONS``)."""
+    k, kubeconfig = cluster
+    k.objects["v1/nodes", None, "node-quad"] = _node("node-quad", MULTI_LABEL, "32", gpus="4")
+    k.objects["v1/nodes", None, "node-single"] = _node("node-single", MULTI_LABEL, "8", gpus="1")
+    body = _pipeline("ns-gpus", "multi", prometheus.url)
+    body["spec"]["gpu"]["nodeSelector"] = dict(MULTI_LABEL)
+    k.objects[CRD_RES, "ns-gpus", "multi"] = body
+    env = dict(
+        os.environ,
+        KUBECONFIG=str(kubeconfig),
+        CLIPLINE_OPERATOR_TICK_SECONDS="0.3",
+        CLIPLINE_OPERATOR_METRICS_PORT="0",
+    )
+    log_path = tmp_path / "operator.log"
+    log = log_path.open("w")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "clipline_operator.cli",
+        "run",
+        "--standalone",
+        "--verbose",
+        env=env,
+        stdout=log,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    quad = [("node-quad", gpu) for gpu in range(4)]
+    daemons = [*quad, ("node-single", 0)]
+    try:
+        arenas = {}
+        for node, gpu in daemons:
+            daemon = await _until(
+                f"daemon {node}/{gpu}",
+                functools.partial(_raw, k, "deployments", "ns-gpus", f"multi-gpu-{node}-{gpu}"),
+            )
+            workers = await _until(
+                f"workers {node}/{gpu}",
+                functools.partial(_raw, k, "deployments", "ns-gpus", f"multi-workers-{node}-{gpu}"),
+            )
+            pods = [o["spec"]["template"]["spec"] for o in (daemon, workers)]
+            (c,) = pods[0]["containers"]
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+            for pod in pods:
+                env_of = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+                assert env_of["CLIPLINE_GPU_INDEX"] == str(gpu)
+            paths = [
+                next(v["hostPath"]["path"] for v in pod["volumes"] if v["name"] == "arena")
+                for pod in pods
+            ]
+            assert paths[0] == paths[1]  # a daemon and its own workers share one arena
+            arenas[(node, gpu)] = paths[0]
+            _find(k, "deployments", "ns-gpus", f"multi-workers-{node}-{gpu}").patch(
+                {"status": {"readyReplicas": 1}}
+            )
+        assert len({arenas[d] for d in quad}) == 4
+        await _until(  # created in the same pass as the Deployments, maybe just after
+            "workers PDB",
+            functools.partial(_raw, k, "poddisruptionbudgets", "ns-gpus", "multi-workers"),
+        )
+
+        # One period: node-quad's GPU 1 (0.40) gets ceil(0.95 / 0.40) = 3 workers, GPU 3
+        # (0.60) gets 2, the GPUs at target keep 1; node-single's series has no `gpu`
+        # label and counts for its one daemon (0.97: at target).
+        def replicas() -> list[int]:
+            return [
+                _raw(k, "deployments", "ns-gpus", f"multi-workers-{n}-{g}")["spec"]["replicas"]
+                for n, g in daemons
+            ]
+
+        await _until("per-GPU scale-up", lambda: replicas() == [1, 3, 1, 2, 1])
+        status = await _until(
+            "status",
+            lambda: (
+                (s := _raw(k, "clippipelines", "ns-gpus", "multi").get("status", {}))
+                and _condition(s, "ScalingActive").get("status") == "True"
+                and s.get("totalWorkers") == 8
+                and s
+            ),
+        )
+        assert (status["gpuNodes"], status["gpus"]) == (2, 5)
+        by_node = {n["name"]: n for n in status["nodes"]}
+        assert by_node["node-quad"]["gpus"] == 4
+        got = {d["gpu"]: d["utilization"] for d in by_node["node-quad"]["daemons"]}
+        assert got == pytest.approx({g: v for (_, g), v in GPU_DAEMONS.items()})
+        (single,) = by_node["node-single"]["daemons"]
+        assert single["utilization"] == pytest.approx(0.97)
+        assert single["lastDecision"]["reason"] == "AtTarget"
+        events = await _until(
+            "ScaledUp events",
+            lambda: [e for e in _events(k, "ns-gpus") if e.get("reason") == "ScaledUp"],
+        )
+        assert any("node-quad GPU 1" in e["message"] for e in events)
+
+        # The node's device plugin now reports 2 GPUs: daemons 2 and 3 and their workers go.
+        k.objects["v1/nodes", None, "node-quad"].patch(
+            {"status": {"allocatable": {"nvidia.com/gpu": "2"}}}
+        )
+        for gpu in (2, 3):
+            for kind in ("gpu", "workers"):
+                name = f"multi-{kind}-node-quad-{gpu}"
+                await _until(f"{name} removed", functools.partial(_absent, k, "ns-gpus", name))
+        assert _find(k, "deployments", "ns-gpus", "multi-workers-node-quad-1")
+        await _until(
+            "WorkersDeleted event",
+            lambda: [e for e in _events(k, "ns-gpus") if e.get("reason") == "WorkersDeleted"],
+        )
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+        print(log_path.read_text()[-6000:])
+        print(json.dumps(_raw(k, "clippipelines", "ns-gpus", "multi").get("status"), indent=1))

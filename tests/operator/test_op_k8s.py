@@ -1,8 +1,9 @@
 """End to end against a real Kubernetes cluster (``KUBECONFIG``), marked ``k8s``.
 
 Installs the CRD, creates a throw-away namespace and a ClipPipeline selecting every
-Linux node, runs ``clipline-operator run --standalone -n <ns>`` and checks: the DaemonSet
-and one workers Deployment per node exist, the status says Ready with scaling inactive
+Linux node, runs ``clipline-operator run --standalone -n <ns>`` and checks: one GPU-daemon
+Deployment and one workers Deployment per node exist (nodes without GPUs run one each)
+with the workers' PodDisruptionBudget, the status says Ready with scaling inactive
 (Prometheus deliberately unreachable) and replicas held at the minimum; deleting the
 ClipPipeline lets the garbage collector remove the Deployments (owner references).
 The pods themselves may stay Pending (no GPU needed for this check).
@@ -90,7 +91,9 @@ async def _scenario() -> None:
             ns,
             env=env,
         )
-        nodes = await api.list_nodes({"kubernetes.io/os": "linux"})
+        nodes = [
+            n for n in await api.list_nodes({"kubernetes.io/os": "linux"}) if not n.unschedulable
+        ]
         assert nodes, "the cluster has no Linux nodes"
         path = f"{CRD_BASE}/namespaces/{ns}/{constants.CRD_PLURAL}/e2e"
 
@@ -109,9 +112,16 @@ async def _scenario() -> None:
             constants.LABEL_COMPONENT: builders.COMPONENT_WORKERS,
         }
         deps = await api.list_deployments(ns, labels)
-        assert len(deps) == len(nodes)
         assert all(d["spec"]["replicas"] == 1 for d in deps)
-        await api.request("GET", f"/apis/apps/v1/namespaces/{ns}/daemonsets/e2e-gpu")
+        daemons = await api.list_deployments(
+            ns, dict(labels, **{constants.LABEL_COMPONENT: builders.COMPONENT_DAEMON})
+        )
+        # One daemon per GPU a node advertises (one on a node without GPUs), each with
+        # its workers.
+        assert len(daemons) == len(deps) == status["gpus"] >= len(nodes)
+        await api.request(
+            "GET", f"/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/e2e-workers"
+        )
 
         await api.request("DELETE", path)
 

@@ -29,8 +29,9 @@ def test_rules_cover_the_operator_and_no_more() -> None:
     assert _verbs(constants.CRD_GROUP, constants.CRD_PLURAL) >= {"get", "list", "watch", "patch"}
     assert "patch" in _verbs(constants.CRD_GROUP, f"{constants.CRD_PLURAL}/status")
     assert _verbs("apps", "deployments") >= {"get", "list", "create", "update", "patch", "delete"}
-    assert _verbs("apps", "daemonsets") >= {"get", "create", "update"}
-    assert "delete" not in _verbs("apps", "daemonsets")  # owner references remove it
+    assert not _verbs("apps", "daemonsets")  # the GPU daemons are Deployments, one per GPU
+    pdb = _verbs("policy", "poddisruptionbudgets")
+    assert pdb >= {"get", "create", "update", "patch", "delete"}
     assert _verbs("", "nodes") == {"get", "list", "watch"}
     assert "create" in _verbs("", "events")
     assert "patch" in _verbs("kopf.dev", "clusterkopfpeerings")

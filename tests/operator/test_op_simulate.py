@@ -3,7 +3,8 @@
 Stated bound: from one worker, every node holds its GPU at >= 0.95 utilization within
 10 periods, makes at most one change in the 20 periods after settling, and returns to
 the minimum once the load stops; the node whose GPU is twice as fast settles with more
-workers."""
+workers. The same holds per GPU on a node with four GPUs, one of them half as fast: that
+one settles with fewer workers, and the node's GPUs never take more CPU than it has."""
 
 from __future__ import annotations
 
@@ -96,3 +97,51 @@ def test_cli_prints_json(run: tuple[dict[str, Any], Path, Any]) -> None:
     assert summary["png"] is None
     # deterministic (seeded): the CLI reports what the library run found
     assert summary["nodes"] == run[0]["nodes"]
+
+
+@pytest.fixture(scope="module")
+def multi() -> tuple[dict[str, Any], Any]:
+    return simulate.run_default(scenario=simulate.multi_gpu_scenario())
+
+
+def test_four_gpu_node_settles_each_gpu_near_target(multi: tuple[dict[str, Any], Any]) -> None:
+    summary, records = multi
+    quad = {n: s for n, s in summary["nodes"].items() if n.startswith("gpu-x4/")}
+    assert sorted(quad) == [f"gpu-x4/gpu{i}" for i in range(4)]
+    assert simulate.SLOW_GPU in quad and "gpu-a" in summary["nodes"]
+    for name, node in summary["nodes"].items():
+        assert node["settled_period"] is not None, name
+        assert node["settled_period"] <= SETTLE_WITHIN_PERIODS, name
+        assert node["utilization_after_settle"] >= 0.95, name
+        assert node["changes_after_settle"] <= 1, name
+        assert node["workers_after_idle"] == node["min_workers"] == 1, name
+        assert any(r.reason == "NoBacklog" for r in records[name] if not r.load), name
+
+
+def test_slow_gpu_gets_fewer_workers_and_the_node_cpu_is_shared(
+    multi: tuple[dict[str, Any], Any],
+) -> None:
+    summary, records = multi
+    slow = summary["nodes"][simulate.SLOW_GPU]["workers_at_settle"]
+    fast = [
+        s["workers_at_settle"]
+        for n, s in summary["nodes"].items()
+        if n.startswith("gpu-x4/") and n != simulate.SLOW_GPU
+    ]
+    # Half as fast: about half the feeders of each other GPU of its node.
+    assert slow < min(fast) * 0.7
+    (quad,) = [m for m in simulate.multi_gpu_scenario().nodes if m.name == "gpu-x4"]
+    cap = quad.allocatable_cpu_workers
+    assert cap is not None
+    names = quad.daemon_names()
+    for k in range(len(records[names[0]])):
+        assert sum(records[n][k].desired for n in names) <= cap
+    # The slow GPU's spare CPU went to the fast ones: more than an equal split.
+    assert sum(fast) > 3 * (cap // 4)
+
+
+def test_cli_runs_the_multi_gpu_scenario(multi: tuple[dict[str, Any], Any]) -> None:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(["simulate", "--scenario", "multi-gpu", "--json", "--no-png"]) == 0
+    assert json.loads(out.getvalue())["nodes"] == multi[0]["nodes"]

@@ -40,7 +40,7 @@ def test_delivery_settings(settings: Settings) -> None:
     assert c.task_soft_time_limit < c.task_time_limit
 
 
-def test_queue_depth_per_priority_class(settings: Settings, redis_client: redis.Redis) -> None:
+def test_backlog_per_priority_class(settings: Settings, redis_client: redis.Redis) -> None:
     app = make_app(settings)
     store = JobStore(redis_client, settings.deployment)
     for prio, n in (("high", 1), ("normal", 3), ("low", 2)):
@@ -50,10 +50,11 @@ def test_queue_depth_per_priority_class(settings: Settings, redis_client: redis.
     assert queue_depths_redis(redis_client, settings.deployment) == want
     assert queue_depths(app, settings.deployment) == want
     mon = monitor.Monitor(app, settings, None)
-    assert mon.update_queue_depth() == want
-    from prometheus_client import REGISTRY
+    assert mon.update_backlog() == want
+    from clipline_core import metrics
 
-    got = REGISTRY.get_sample_value(constants.Metric.QUEUE_DEPTH, {"priority": "normal"})
+    workers = metrics.registry(constants.MetricRole.WORKERS)
+    got = workers.get_sample_value(constants.Metric.BACKLOG_JOBS, {"priority": "normal"})
     assert got == 3.0
     for q in (f"{constants.queue_name(settings.deployment)}{s}" for s in ("", ":4", ":8")):
         redis_client.delete(q)
@@ -107,8 +108,9 @@ def test_metrics_directory_and_merging(settings: Settings, tmp_path: Path) -> No
         s = Settings(deployment="t-x", state_dir=sys.argv[1])
         path = monitor.setup_multiprocess(s)
         from clipline_core import metrics as m
-        m.JOBS.labels("succeeded", "").inc(2)
+        m.FRAMES_DECODED.inc(2)
         m.JOBS_IN_FLIGHT.inc()
+        m.SHM_SLOTS_TOTAL.set(32)  # the GPU daemon's: never exported by a worker
         print(path)
         """
     )
@@ -125,19 +127,26 @@ def test_metrics_directory_and_merging(settings: Settings, tmp_path: Path) -> No
     # each run made its own folder; the second removed the first (its process is gone)
     assert paths[0] != paths[1] and paths[1].parent == base
     assert not paths[0].exists() and paths[1].is_dir()
+    from clipline_core import metrics
+
+    own = metrics.family_names(constants.MetricRole.WORKERS)
     merged = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in monitor._MergedCollector(paths[1]).collect()
+        for fam in monitor._MergedCollector(paths[1], own).collect()
         for s in fam.samples
     }
-    assert merged[("clipline_jobs_total", (("code", ""), ("status", "succeeded")))] == 2.0
+    assert merged[("clipline_frames_decoded_total", ())] == 2.0
     assert merged[("clipline_jobs_in_flight", ())] == 1.0
+    assert not any(name == constants.Metric.SHM_SLOTS_TOTAL for name, _ in merged)
     # the writer exited: its gauges go, its counters stay
     assert monitor.drop_dead_gauges(paths[1]) >= 1
     names = {
-        s.name: s.value for fam in monitor._MergedCollector(paths[1]).collect() for s in fam.samples
+        s.name: s.value
+        for fam in monitor._MergedCollector(paths[1], own).collect()
+        for s in fam.samples
     }
-    assert "clipline_jobs_in_flight" not in names and names["clipline_jobs_total"] == 2.0
+    assert "clipline_jobs_in_flight" not in names
+    assert names["clipline_frames_decoded_total"] == 2.0
 
 
 def test_workers_never_import_torch() -> None:

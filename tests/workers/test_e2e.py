@@ -14,6 +14,8 @@ The tests share the worker, so they run in file order and each leaves it idle.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import threading
@@ -84,6 +86,22 @@ class Stack:
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         out: dict[str, float] = {}
         for line in text.splitlines():
+            if line.startswith("clipline_"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def job_stats(self) -> dict[str, float]:
+        """The job outcome and state samples (kept in Redis; the job API exports them)."""
+        from prometheus_client import generate_latest
+        from prometheus_client.registry import CollectorRegistry
+
+        from clipline_core.job_metrics import JobStatsCollector
+
+        registry = CollectorRegistry()
+        registry.register(JobStatsCollector(self.redis, self.settings.deployment))
+        out: dict[str, float] = {}
+        for line in generate_latest(registry).decode().splitlines():
             if line.startswith("clipline_"):
                 name, _, value = line.rpartition(" ")
                 out[name] = float(value)
@@ -189,12 +207,12 @@ def test_priority_classes_then_arrival_order(stack: Stack) -> None:
     for prio, name in order:
         ids[name] = stack.submit(priority=prio, title=name)
         time.sleep(0.01)
-    # The queue depth gauge per class, as the worker's main process reports it.
+    # The backlog gauge per class, as the worker's main process reports it.
     deadline = time.monotonic() + 15
     want = {"high": 2.0, "normal": 1.0, "low": 2.0}
     while True:
         m = stack.metrics()
-        got = {p: m.get(f'clipline_queue_depth{{priority="{p}"}}') for p in want}
+        got = {p: m.get(f'clipline_backlog_jobs{{priority="{p}"}}') for p in want}
         if got == want:
             break
         assert time.monotonic() < deadline, got
@@ -271,6 +289,49 @@ def test_idempotent_submission_runs_one_job(stack: Stack) -> None:
     assert stack.origin.server.routes["/idem.avi"].hits == 1
 
 
+def test_a_running_job_reports_its_progress(stack: Stack) -> None:
+    """The worker writes ``progress`` into the job while it runs, at most every 0.5 s.
+
+    Held in its fetch, the job says so; once it runs on, every write has no more chunks
+    scored than sent, frames once it decoded; the API's view shows progress only while
+    the job runs.
+    """
+    from clipline_core.schema import job_view
+    from workers.pipeline import PROGRESS_INTERVAL_S
+
+    url, route, gate = stack.gated("progress")
+    job_id = stack.submit(url)
+    assert route.entered.wait(30)
+    deadline = time.monotonic() + 10 * PROGRESS_INTERVAL_S
+    while "progress" not in stack.store.raw(job_id):
+        assert time.monotonic() < deadline, stack.store.raw(job_id)
+        time.sleep(0.02)
+    held = stack.store.get(job_id)
+    assert held is not None and held.progress is not None
+    assert (held.progress.stage, held.progress.frames, held.progress.chunks) == ("fetching", 0, 0)
+    assert job_view(held).progress == held.progress
+    seen: dict[float, dict[str, Any]] = {}
+    gate.set()
+    while True:
+        raw = stack.store.raw(job_id)
+        if raw.get("progress"):
+            p = json.loads(raw["progress"])
+            seen[p["at"]] = p
+        if raw["state"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.01)
+    done = stack.wait(job_id)
+    assert done.state == JobState.SUCCEEDED, done.error
+    assert job_view(done).progress is None
+    stamps = sorted(seen)
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert all(g >= PROGRESS_INTERVAL_S - 0.05 for g in gaps), gaps
+    for p in seen.values():
+        assert 0 <= p["chunks_done"] <= p["chunks"], p
+        if p["stage"] in ("inferring", "rendering"):
+            assert p["frames"] > 0 and p["chunks"] >= 1, p
+
+
 def test_presigned_upload(stack: Stack) -> None:
     route = stack.origin.add("/bucket/clip.mp4", put_statuses=[503, 200])
     job_id = stack.submit(upload_url=stack.origin.base + "/bucket/clip.mp4?X-Signature=s3cr3t")
@@ -301,20 +362,23 @@ def test_time_limits_end_jobs_with_timeout(stack: Stack) -> None:
     assert job.error.code == "timeout" and "time limit of 2 s" in job.error.message
     gate.set()
     assert stack.scratch_clean(), list(stack.settings.scratch_path.iterdir())
-    m = stack.metrics()
-    assert m['clipline_jobs_total{code="timeout",status="failed"}'] >= 2
+    assert stack.job_stats()['clipline_job_failures_total{code="timeout"}'] >= 2
 
 
 def test_metrics_of_all_pool_children(stack: Stack) -> None:
     m = stack.metrics()
-    assert m['clipline_jobs_total{code="",status="succeeded"}'] >= 9
+    assert stack.job_stats()['clipline_jobs_total{status="succeeded"}'] >= 9
     for stage in ("fetch", "decode", "inference", "render", "upload"):
         assert m[f'clipline_stage_seconds_count{{stage="{stage}"}}'] >= 1, stage
     assert m["clipline_frames_decoded_total"] >= 9 * 8
     assert m["clipline_jobs_in_flight"] == 0.0
     for p in ("high", "normal", "low"):
-        assert m[f'clipline_queue_depth{{priority="{p}"}}'] == 0.0
+        assert m[f'clipline_backlog_jobs{{priority="{p}"}}'] == 0.0
     assert not any('pid="' in k for k in m)
+    # only the workers' own series: job outcomes are the API's, the arena's the daemon's
+    assert not any(k.startswith(("clipline_jobs_total", "clipline_shm_slots")) for k in m)
+    info = [k for k in m if k.startswith("clipline_build_info{")]
+    assert len(info) == 1 and 'role="workers"' in info[0] and m[info[0]] == 1.0
 
 
 def test_whole_worker_killed_mid_job_comes_back(stack: Stack) -> None:

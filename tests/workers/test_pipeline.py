@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
-from prometheus_client import REGISTRY
 from wlib import Clips, Origin
 
+from clipline_core import metrics
+from clipline_core.constants import Metric, MetricRole
 from clipline_core.errors import ClipError, ErrorCode
 from clipline_core.job import JobSpec, JobState
+from clipline_core.job_metrics import JobStatsCollector
 from clipline_core.settings import Settings
 from clipline_core.store import holder_identity
 from workers import upload
@@ -32,7 +34,17 @@ from workers.pipeline import JobRunner, Outcome
 
 
 def counter(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    """A sample of the workers' own metrics (in this process: the runner runs here)."""
+    return metrics.registry(MetricRole.WORKERS).get_sample_value(name, labels) or 0.0
+
+
+def failures(r: JobRunner, code: str) -> float:
+    """``clipline_job_failures_total{code}`` as the job API would export it."""
+    for family in JobStatsCollector(r.store.r, r.store.deployment).collect():
+        for s in family.samples:
+            if s.name == Metric.JOB_FAILURES_TOTAL and s.labels == {"code": code}:
+                return float(s.value)
+    return 0.0
 
 
 @pytest.fixture
@@ -57,7 +69,7 @@ def test_a_permanent_error_fails_the_job_with_its_code(
 ) -> None:
     img = tmp_path / "p.jpg"
     img.write_bytes(clips.product.read_bytes())
-    before = counter("clipline_jobs_total", status="failed", code="forbidden_source")
+    before = failures(runner, "forbidden_source")
     fetches = counter("clipline_stage_seconds_count", stage="fetch")
     job_id = submit(runner, "http://10.0.0.1/video.mp4", str(img))
     result = runner.run(job_id)
@@ -66,7 +78,7 @@ def test_a_permanent_error_fails_the_job_with_its_code(
     assert job is not None and job.state == JobState.FAILED and job.attempt == 1
     assert job.error is not None and job.error.code == "forbidden_source"
     assert "private-network" in job.error.message
-    assert counter("clipline_jobs_total", status="failed", code="forbidden_source") == before + 1
+    assert failures(runner, "forbidden_source") == before + 1
     assert counter("clipline_stage_seconds_count", stage="fetch") == fetches + 1
     assert counter("clipline_jobs_in_flight") == 0
     assert scratch_empty(runner.settings)

@@ -18,7 +18,7 @@ import redis
 
 from clipline.cli import _wait
 from clipline_core import constants
-from clipline_core.job import ACTIVE, JobSpec, JobState
+from clipline_core.job import ACTIVE, TERMINAL, JobSpec, JobState
 from clipline_core.settings import Settings
 from clipline_core.store import (
     IdempotencyConflict,
@@ -219,35 +219,90 @@ def test_progress_does_not_invent_states_for_a_failed_job(
 # ---------------------------------------------------------------------------
 # one owner for a job's end of life
 # ---------------------------------------------------------------------------
-def _jobs_total(status: str, code: str) -> float:
-    from clipline_core import metrics
+def _sample(store: JobStore, name: str, **labels: str) -> float:
+    """A sample of the job metrics the API exports (read from the store's Redis)."""
+    from clipline_core.job_metrics import JobStatsCollector
 
-    return metrics.JOBS.labels(status, code)._value.get()
+    for family in JobStatsCollector(store.r, store.deployment).collect():
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+def _latency_count(store: JobStore, status: str, priority: str = "normal") -> float:
+    name = f"{constants.Metric.JOB_LATENCY_SECONDS}_count"
+    return _sample(store, name, priority=priority, status=status)
 
 
 def test_finish_counts_and_calls_the_hook_once_for_the_winner(store: JobStore) -> None:
     ended: list[str] = []
     store.on_terminal = ended.append
     job_id, _ = store.create(spec())
-    before = _jobs_total("failed", "timeout")
+    total, failures = constants.Metric.JOBS_TOTAL, constants.Metric.JOB_FAILURES_TOTAL
+    assert _sample(store, total, status="failed") == 0.0  # every series exists at 0
+    assert _sample(store, failures, code="timeout") == 0.0
     err = {"code": "timeout", "message": "too slow"}
     results = [store.finish(job_id, JobState.FAILED, error=err) for _ in range(3)]
     assert results == [True, False, False]
     assert ended == [job_id]
-    assert _jobs_total("failed", "timeout") == before + 1
+    assert _sample(store, total, status="failed") == 1.0
+    assert _sample(store, failures, code="timeout") == 1.0
+    assert _latency_count(store, "failed") == 1.0  # observed once, by the winner
     job = store.get(job_id)
     assert job is not None and job.state == JobState.FAILED and job.error is not None
     assert job.error.code == "timeout"
+    assert job.finished_at is not None
+    latency_sum = f"{constants.Metric.JOB_LATENCY_SECONDS}_sum"
+    want = job.finished_at - job.created_at
+    assert _sample(store, latency_sum, priority="normal", status="failed") == pytest.approx(want)
 
 
 def test_cancel_is_counted_as_cancelled(store: JobStore) -> None:
     ended: list[str] = []
     store.on_terminal = ended.append
-    job_id, _ = store.create(spec())
-    before = _jobs_total("cancelled", "cancelled")
+    job_id, _ = store.create(spec(priority="high"))
     assert store.cancel(job_id) and not store.cancel(job_id)
-    assert _jobs_total("cancelled", "cancelled") == before + 1
+    assert _sample(store, constants.Metric.JOBS_TOTAL, status="cancelled") == 1.0
+    assert _sample(store, constants.Metric.JOB_FAILURES_TOTAL, code="cancelled") == 1.0
+    assert _latency_count(store, "cancelled", "high") == 1.0
     assert ended == [job_id]
+
+
+def test_success_counts_no_failure_and_an_unknown_code_is_internal(store: JobStore) -> None:
+    ok, bad = store.create(spec())[0], store.create(spec())[0]
+    assert store.finish(ok, JobState.SUCCEEDED)
+    assert store.finish(bad, JobState.FAILED, error={"code": "no-such-code", "message": "?"})
+    assert _sample(store, constants.Metric.JOBS_TOTAL, status="succeeded") == 1.0
+    assert _sample(store, constants.Metric.JOB_FAILURES_TOTAL, code="internal") == 1.0
+    from clipline_core.job_metrics import JobStatsCollector
+
+    families = JobStatsCollector(store.r, store.deployment).collect()
+    name = constants.Metric.JOB_FAILURES_TOTAL
+    failures = [s for f in families for s in f.samples if s.name == name]
+    assert sum(s.value for s in failures) == 1.0 and all(s.labels["code"] for s in failures)
+
+
+def test_jobs_current_per_state(store: JobStore) -> None:
+    current = constants.Metric.JOBS_BY_STATE
+
+    def states() -> dict[str, float]:
+        return {s.value: _sample(store, current, state=s.value) for s in JobState if s in open_}
+
+    open_ = {s for s in JobState if s not in TERMINAL}
+
+    a, b, c = (store.create(spec())[0] for _ in range(3))
+    assert states() == {"queued": 3, "fetching": 0, "decoding": 0, "inferring": 0, "rendering": 0}
+    assert store.claim(a, "La", 30, 5)[0] == 1
+    assert store.claim(b, "Lb", 30, 5)[0] == 1
+    assert store.advance(b, JobState.DECODING, "Lb")
+    assert states() == {"queued": 1, "fetching": 1, "decoding": 1, "inferring": 0, "rendering": 0}
+    assert store.finish(a, JobState.SUCCEEDED, lease="La")
+    assert store.requeue(b, "Lb", {"code": "backpressure", "message": "busy"})
+    assert store.cancel(c)
+    assert states() == {"queued": 1, "fetching": 0, "decoding": 0, "inferring": 0, "rendering": 0}
+    assert store.cancel(b)
+    assert set(states().values()) == {0.0}
 
 
 def test_advance_refuses_to_end_a_job_and_finish_refuses_an_active_state(

@@ -169,16 +169,18 @@ Environment shared by the chart's clipline containers.
 {{- end }}
 
 {{/*
-Selector of the pods the operator creates for the default ClipPipeline (GPU daemon and
-workers), used by the PodMonitor.
+Selector of the pods the PodMonitor scrapes: those the operator creates for the default
+ClipPipeline (GPU daemon and workers; instance = the pipeline's name) and the chart's
+callback worker (instance = the release), none of which has a Service.
 */}}
 {{- define "clipline.pipeline.podSelector" -}}
-matchLabels:
-  app.kubernetes.io/instance: {{ include "clipline.pipeline.name" . }}
 matchExpressions:
+  - key: app.kubernetes.io/instance
+    operator: In
+    values: {{ uniq (list (include "clipline.pipeline.name" .) .Release.Name) | toJson }}
   - key: app.kubernetes.io/component
     operator: In
-    values: [gpu-daemon, workers]
+    values: [gpu-daemon, workers, callbacks]
 {{- end }}
 
 {{/*
@@ -234,3 +236,80 @@ else the generated one; empty when callbacks are off.
 {{- .Values.callbacks.existingSecretKey }}
 {{- else }}secret{{- end }}
 {{- end }}
+
+{{/*
+Artifact-store settings (`artifacts.*`) as literal env entries, for the job API and, through
+the ClipPipeline's extraEnv, the workers. The credentials are not here: they come from
+`artifacts.s3.existingSecret` through secretKeyRef (the API's env, the ClipPipeline's
+`artifacts.secretRef`).
+*/}}
+{{- define "clipline.artifacts.env" -}}
+{{- $a := .Values.artifacts }}
+{{- if and (eq $a.store "s3") (not $a.s3.bucket) }}
+{{- fail "artifacts.store=s3 needs artifacts.s3.bucket" }}
+{{- end }}
+- name: CLIPLINE_ARTIFACT_STORE
+  value: {{ $a.store | quote }}
+- name: CLIPLINE_ARTIFACT_TTL_S
+  value: {{ int64 $a.ttlSeconds | quote }}
+{{- if eq $a.store "s3" }}
+- name: CLIPLINE_ARTIFACT_SERVE
+  value: {{ $a.serve | quote }}
+- name: CLIPLINE_ARTIFACT_URL_TTL_S
+  value: {{ int64 $a.urlTtlSeconds | quote }}
+- name: CLIPLINE_S3_BUCKET
+  value: {{ $a.s3.bucket | quote }}
+- name: CLIPLINE_S3_PREFIX
+  value: {{ $a.s3.prefix | quote }}
+{{- with $a.s3.endpoint }}
+- name: CLIPLINE_S3_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $a.s3.publicEndpoint }}
+- name: CLIPLINE_S3_PUBLIC_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $a.s3.region }}
+- name: CLIPLINE_S3_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret with the object store's access key pair; empty: none (the pods' identity).
+*/}}
+{{- define "clipline.artifacts.secretName" -}}
+{{- if eq .Values.artifacts.store "s3" }}{{ .Values.artifacts.s3.existingSecret }}{{ end }}
+{{- end }}
+
+{{/*
+The `helm test` hook: the Secret holding its bearer API key (tests.apiKey.existingSecret,
+else the generated key's Secret; empty: no key, no test), and whether the workers accept
+the private address of the media the test pod serves itself.
+*/}}
+{{- define "clipline.tests.keySecret" -}}
+{{- if .Values.tests.apiKey.existingSecret }}
+{{- .Values.tests.apiKey.existingSecret }}
+{{- else if .Values.api.auth.generateKey }}
+{{- include "clipline.api.keySecretName" . }}
+{{- end }}
+{{- end }}
+
+{{- define "clipline.tests.keySecretKey" -}}
+{{- if .Values.tests.apiKey.existingSecret }}
+{{- .Values.tests.apiKey.existingSecretKey }}
+{{- else }}key{{- end }}
+{{- end }}
+
+{{- define "clipline.tests.selfServed" -}}
+{{- if or (not .Values.tests.videoUrl) (not .Values.tests.imageUrl) }}true{{ end }}
+{{- end }}
+
+{{- /* The test media Service's host name, when the test pod serves the media itself. */}}
+{{- define "clipline.tests.mediaHost" -}}
+{{- if and .Values.tests.enabled (include "clipline.tests.keySecret" .) (include "clipline.tests.selfServed" .) }}
+{{- printf "%s.%s.svc" (include "clipline.componentName" (dict "ctx" . "component" "test-media")) .Release.Namespace }}
+{{- end }}
+{{- end }}
+
