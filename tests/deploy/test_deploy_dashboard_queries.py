@@ -31,18 +31,14 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +46,12 @@ import pytest
 import redis
 import yaml
 from deploylib import ROOT, objects, render
+from stacklib import Api, Procs
+from stacklib import callback_receiver as _callback_receiver
+from stacklib import free_port as _free_port
+from stacklib import has_data as _has_data
+from stacklib import state as _state
+from stacklib import wait_http as _wait_http
 
 from clipline import dashboards, preview, samples
 from clipline_core.constants import Metric
@@ -85,52 +87,6 @@ NOT_IN_THE_LOCAL_STACK: set[str] = set()
 TARGET_ALERTS = {a.name for a in dashboards.ALERTS if a.name.endswith(("Down", "Absent"))}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_http(url: str, what: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{what} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{what} not reachable at {url}")
-
-
-class Procs:
-    """Processes started by the test, stopped in reverse order."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.items: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with open(self.logs / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        self.items.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in reversed(self.items):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(self.items):
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
 def _prometheus_config(ports: dict[str, int], rules: Path, targets: Path) -> dict[str, Any]:
     def job(name: str, port: int, labels: dict[str, str]) -> dict[str, Any]:
         return {
@@ -157,68 +113,6 @@ def _prometheus_config(ports: dict[str, int], rules: Path, targets: Path) -> dic
             job("kube-state-metrics", ports["ksm"], {}),
         ],
     }
-
-
-class Api:
-    """The job API over HTTP with the local stack's key."""
-
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key = url, key
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        request = urllib.request.Request(
-            f"{self.url}{path}",
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as rsp:
-                return json.load(rsp)
-        except urllib.error.HTTPError as exc:
-            return {"http_status": exc.code, **json.loads(exc.read() or b"{}")}
-
-    def submit(self, video: Path | str, image: Path, priority: str, callback: str = "") -> str:
-        body: dict[str, Any] = {
-            "video_url": str(video),
-            "image_urls": [str(image)],
-            "priority": priority,
-        }
-        if callback:
-            body["callback_url"] = callback
-        payload = self.call("POST", "/v1/jobs", body)
-        assert "http_status" not in payload, payload
-        return str(payload.get("job_id") or payload["id"])
-
-    def wait(self, job: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            view: dict[str, Any] = self.call("GET", f"/v1/jobs/{job}")
-            if _state(view) in ("succeeded", "failed", "cancelled"):
-                return view
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job {job} did not finish: {view}")
-            time.sleep(0.3)
-
-
-def _state(view: dict[str, Any]) -> str | None:
-    return view.get("state") or view.get("status")
-
-
-def _callback_receiver(received: list[str]) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            received.append(self.path)
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def _pipeline(prom_url: str, deployment: str, tmp: Path) -> Path:
@@ -389,11 +283,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         subprocess.run([clipline, "down"], env=env, capture_output=True, timeout=90, check=False)
         procs.stop()
         receiver.shutdown()
-
-
-def _has_data(prom: str, expr: str, start: float, end: float) -> bool:
-    series = preview.query_range(prom, expr, start, end, 1.0)
-    return any(math.isfinite(v) for _, points in series for _, v in points)
 
 
 def _nvml_exported(run: dict[str, Any]) -> bool:

@@ -28,20 +28,14 @@ declared by the daemon instead (the test prints which).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +43,15 @@ import pytest
 import redis
 import yaml
 from deploylib import objects, render
+from stacklib import Api, Procs
+from stacklib import callback_receiver as _callback_receiver
+from stacklib import free_port as _free_port
+from stacklib import get as _get
+from stacklib import has_data as _has_data
+from stacklib import state as _state
+from stacklib import wait_http as _wait_http
 
-from clipline import dashboards, preview, samples
+from clipline import dashboards, samples
 from clipline_core.constants import Metric
 
 pytestmark = pytest.mark.slow
@@ -69,30 +70,6 @@ KNOWN = {v for k, v in vars(Metric).items() if k.isupper()} | {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as rsp:
-        return str(rsp.read().decode())
-
-
-def _wait_http(url: str, what: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{what} exited with {proc.returncode}")
-        try:
-            _get(url, 2)
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{what} not reachable at {url}")
-
-
 def _selectors(expr: str) -> list[str]:
     """The vector selectors of an expression (known metric names with their matchers)."""
     found = []
@@ -105,38 +82,6 @@ def _selectors(expr: str) -> list[str]:
 
 def _base(selector: str) -> str:
     return re.sub(r"_(bucket|sum|count)$", "", selector.split("{")[0])
-
-
-class Procs:
-    """Processes started by the test, stopped in reverse order."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.items: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        log.close()
-        self.items.append((name, proc))
-        return proc
-
-    def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-    def stop(self) -> None:
-        for _, proc in reversed(self.items):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in reversed(self.items):
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 def _prometheus_config(ports: dict[str, int]) -> dict[str, Any]:
@@ -158,66 +103,6 @@ def _prometheus_config(ports: dict[str, int]) -> dict[str, Any]:
             job("kube-state-metrics", ports["ksm"], {}),
         ],
     }
-
-
-class Api:
-    """The job API over HTTP with the local stack's key."""
-
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key = url, key
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        request = urllib.request.Request(
-            f"{self.url}{path}",
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as rsp:
-            return json.load(rsp)
-
-    def submit(self, video: Path, image: Path, priority: str, callback: str = "") -> str:
-        body: dict[str, Any] = {
-            "video_url": str(video),
-            "image_urls": [str(image)],
-            "priority": priority,
-        }
-        if callback:
-            body["callback_url"] = callback
-        payload = self._call("POST", "/v1/jobs", body)
-        return str(payload.get("job_id") or payload["id"])
-
-    def wait(self, job: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            view: dict[str, Any] = self._call("GET", f"/v1/jobs/{job}")
-            if _state(view) in ("succeeded", "failed", "cancelled"):
-                return view
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job {job} did not finish: {view}")
-            time.sleep(0.3)
-
-
-def _state(view: dict[str, Any]) -> str | None:
-    return view.get("state") or view.get("status")
-
-
-def _callback_receiver(received: list[str]) -> ThreadingHTTPServer:
-    """A loopback HTTP server that accepts job callbacks (records their paths)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            received.append(self.path)
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def _media(tmp: Path) -> list[tuple[Path, Path]]:
@@ -370,11 +255,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         subprocess.run([clipline, "down"], env=env, capture_output=True, timeout=90, check=False)
         procs.stop()
         receiver.shutdown()
-
-
-def _has_data(prom: str, expr: str, start: float, end: float) -> bool:
-    series = preview.query_range(prom, expr, start, end, 1.0)
-    return any(math.isfinite(v) for _, points in series for _, v in points)
 
 
 def _nvml_exported(daemon_metrics: str) -> bool:
