@@ -44,7 +44,10 @@ Delivery semantics on the Redis transport, and why each setting is what it is:
   visibility timeout, so the job's own lease does the fast part: the lease sweeper
   (:mod:`workers.monitor`) re-sends a job whose worker stopped renewing its lease
   within about ``job_lease_s`` + 5 s, and a redelivered task whose lease holder is a dead
-  process on this host takes the job over at once.
+  process on this host takes the job over at once. A queued job whose message sits in
+  one process's memory (a retry on its countdown, a message received and not started, a
+  job just created by the API) is recorded as held by that process, and the same sweeper
+  re-sends it once the holder's alive key is gone (:meth:`JobStore.expire_held`).
 * The job's own state machine (:mod:`clipline_core.store`) makes redelivery safe: a second
   delivery of a finished or leased job is a no-op.
 * Time limits: the soft limit raises inside the task and the job fails with

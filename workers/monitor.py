@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from clipline_core import constants
+from clipline_core.procs import pid_alive
 from clipline_core.settings import Settings
 
 log = logging.getLogger("clipline.worker")
@@ -105,16 +106,6 @@ def track_received(app: Any, job_id: str, due_in_s: float) -> bool:
     return bool(store.hold(job_id, identity, due_in_s))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def metrics_base(settings: Settings) -> Path:
     base = os.environ.get(constants.ENV_PROMETHEUS_MULTIPROC_DIR, "")
     if base and _DIR_RE.match(Path(base).name):
@@ -138,7 +129,7 @@ def setup_multiprocess(settings: Settings) -> Path | None:
         base.mkdir(parents=True, exist_ok=True)
         for old in base.iterdir():
             match = _DIR_RE.match(old.name)
-            if match and match["host"] == host and not _alive(int(match["pid"])):
+            if match and match["host"] == host and not pid_alive(int(match["pid"])):
                 shutil.rmtree(old, ignore_errors=True)
         path = base / f"worker-{host}-{os.getpid()}"
         shutil.rmtree(path, ignore_errors=True)
@@ -164,7 +155,7 @@ def drop_dead_gauges(path: Path) -> int:
         return 0
     for name in names:
         match = _FILE_RE.match(name)
-        if not match or match["kind"] != "gauge" or _alive(int(match["pid"])):
+        if not match or match["kind"] != "gauge" or pid_alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
             os.remove(path / name)
