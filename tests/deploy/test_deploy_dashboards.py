@@ -303,6 +303,9 @@ def _rule_tests() -> list[dict[str, Any]]:
     for path in _rule_test_files():
         doc = yaml.safe_load(path.read_text())
         assert doc["rule_files"] == ["../clipline.rules.yaml"], path
+        # promtool evaluates groups in random order unless told: recording rules first.
+        groups = [g["name"] for g in yaml.safe_load(dashboards.RULES_FILE.read_text())["groups"]]
+        assert doc.get("group_eval_order") == groups, path
         out.extend(doc["tests"])
     return out
 
