@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from clipline_core import constants
+from clipline_core.settings import Settings
 
 DEFAULT_OUT = Path("bench") / "results" / "daemon.json"
 CUDA_BACKENDS = constants.BACKENDS
@@ -115,6 +116,39 @@ def publish_chunks(arena_path: str, socket_path: str, specs: list[ChunkSpec]) ->
         producer.close()
 
 
+def product_scene(
+    seed: int, frames: int, size: int, refs: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A job for the localizer: product images ``[2, size, size, 3]`` and frames showing them.
+
+    The pictures have structure at several scales (noise blown up 4x and 16x, so SIFT
+    finds its full quota of keypoints, as on real footage); each frame shows one of the
+    product images at a different place and a smaller size on its own background, so
+    every frame's keypoints are matched and verified as in a real job.
+    """
+    rng = np.random.default_rng(seed)
+
+    def picture(h: int, w: int) -> np.ndarray:
+        coarse = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+        fine = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+        big = np.kron(coarse, np.ones((16, 16, 1), np.uint8))[:h, :w].astype(np.uint16)
+        mid = np.kron(fine, np.ones((4, 4, 1), np.uint8))[:h, :w].astype(np.uint16)
+        return ((big + mid) // 2 + 1).astype(np.uint8)  # >= 1: never a letterbox bar
+
+    if refs is None:
+        refs = np.stack([picture(size, size) for _ in range(2)])
+    side = size // 2
+    step = max(1, size // side)
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for i in range(frames):
+        out[i] = picture(size, size)
+        small = refs[i % 2][::step, ::step][:side, :side]
+        y = int(rng.integers(0, size - side))
+        x = int(rng.integers(0, size - side))
+        out[i, y : y + side, x : x + side] = small
+    return refs, out
+
+
 def produce_forever(
     arena_path: str,
     socket_path: str,
@@ -124,13 +158,32 @@ def produce_forever(
     seed: int,
     stop: Any,
     published: Any,
+    refs: bool = False,
 ) -> None:
-    """Publish chunks as fast as slots free up until ``stop`` is set (benchmark producer)."""
+    """Publish chunks as fast as slots free up until ``stop`` is set (benchmark producer).
+
+    With ``refs`` (the localizer runs) the job's product images go first, as a REFS chunk,
+    and the frames show them (:func:`product_scene`); otherwise frames are noise.
+    """
     from clipline_core.errors import ClipError, ErrorCode
-    from gpu_service.shm import Producer
+    from gpu_service.shm import ChunkKind, Producer
 
     producer = Producer(Path(arena_path), Path(socket_path), reserve_timeout_s=1.0)
-    pool = [chunk_data(seed * 16 + k, frames, size) for k in range(4)]
+    if refs:
+        images, first = product_scene(seed * 16, frames, size)
+        pool = [first] + [product_scene(seed * 16 + k, frames, size, images)[1] for k in (1, 2, 3)]
+        with producer.reserve(timeout_s=30.0) as lease:
+            np.copyto(lease.array(images.shape), images)
+            lease.publish(
+                job_id=job_id,
+                shape=images.shape,
+                chunk=0,
+                priority=1,
+                arrival=time.time(),
+                kind=ChunkKind.REFS,
+            )
+    else:
+        pool = [chunk_data(seed * 16 + k, frames, size) for k in range(4)]
     shape = pool[0].shape
     n = 0
     try:
@@ -155,7 +208,9 @@ def produce_forever(
 # ---------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--models", default="features", help="comma-separated models (features always runs)"
+        "--models",
+        default=Settings().models,
+        help=f"comma-separated models (default: the default set, {Settings().models})",
     )
     parser.add_argument(
         "--backends", default="", help="comma-separated backends (default: all usable here)"
@@ -168,7 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="max_batch_size")
     parser.add_argument("--delay-ms", type=float, default=5.0, help="max_queue_delay_ms")
     parser.add_argument("--frames", type=int, default=16, help="frames per chunk")
-    parser.add_argument("--size", type=int, default=128, help="frame height and width")
+    parser.add_argument(
+        "--size", type=int, default=0, help="frame height and width (default: frame_size)"
+    )
     parser.add_argument("--slots", type=int, default=0, help="arena slots (default 4 x batch)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument(
@@ -386,6 +443,7 @@ def run_backend(cfg: Config, backend: str, log: Any) -> dict[str, Any]:
             p = ctx.Process(
                 target=produce_forever,
                 args=(str(arena), str(sock), job, cfg.frames, cfg.size, i + 1, stop, counter),
+                kwargs={"refs": "localizer" in cfg.models.split(",")},
                 daemon=True,
             )
             p.start()
@@ -582,7 +640,7 @@ def run(args: argparse.Namespace) -> int:
                 batch=args.batch,
                 delay_ms=args.delay_ms,
                 frames=args.frames,
-                size=args.size,
+                size=args.size or Settings().frame_size,
                 slots=args.slots or 4 * args.batch,
                 device=args.device,
                 saliency_size=args.saliency_size,

@@ -46,7 +46,7 @@ import torch
 
 DEFAULT_OUT = Path("bench") / "results" / "models.json"
 DEFAULT_VARIANTS = "eager,channels_last,compile,cudagraphs"
-MODELS = ("saliency", "embed")
+MODELS = ("localizer", "saliency", "embed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -230,6 +230,152 @@ def bench_model(name: str, p: Params) -> list[dict[str, Any]]:
     return rows
 
 
+def _localizer_inputs(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real frames (a sample video, a product planted in half of them) and product images.
+
+    Letterboxed at the daemon's ``frame_size`` as the workers send them; generated
+    pictures when the real sample media is not here.
+    """
+    import cv2
+    import numpy as np
+
+    from clipline import samples
+    from clipline_core.settings import Settings
+    from workers.preprocess import into
+
+    size = Settings().frame_size
+    n = p.batch * p.frames
+    media = samples.real_media_dir()
+    rng = np.random.default_rng(0)
+    pictures: list[np.ndarray] = []
+    products: list[np.ndarray] = []
+    if media is not None:
+        cap = cv2.VideoCapture(str(media / "tree.avi"))
+        while len(pictures) < n:
+            ok, f = cap.read()
+            if not ok:
+                cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                continue
+            pictures.append(cv2.resize(f, (640, 360)))
+        cap.release()
+        for name in ("baboon.jpg", "fruits.jpg"):
+            img = cv2.imread(str(media / name))
+            if img is None:
+                raise FileNotFoundError(media / name)
+            products.append(img)
+    else:
+        pictures = [rng.integers(0, 256, (360, 640, 3), dtype=np.uint8) for _ in range(n)]
+        products = [rng.integers(0, 256, (200, 200, 3), dtype=np.uint8) for _ in range(2)]
+    for i in range(0, n, 2):  # the product, smaller than in its photo, in every other frame
+        small = cv2.resize(products[i // 2 % 2], (180, 180))
+        x, y = 60 + (i * 13) % 380, 40 + (i * 7) % 140
+        pictures[i][y : y + 180, x : x + 180] = small
+    frames = np.zeros((n, size, size, 3), np.uint8)
+    for i, pic in enumerate(pictures):
+        into(pic, frames[i])
+    refs = np.zeros((len(products), size, size, 3), np.uint8)
+    for i, img in enumerate(products):
+        into(img, refs[i])
+    shape = (p.batch, p.frames, size, size, 3)
+    return torch.from_numpy(frames).reshape(shape), torch.from_numpy(refs)[None]
+
+
+def bench_localizer(p: Params) -> list[dict[str, Any]]:
+    """The product localizer: the fused, batched path against the per-picture reference.
+
+    One batch of ``batch`` jobs' chunks (real frames, two product images per job), timed
+    as the daemon calls the model. Rows: ``reference`` (float colour bins, one match per
+    picture and view) and ``fused`` with OpenCV's SIFT, plus kornia's SIFT on CUDA; each
+    with its time per stage in ms per frame (``profile``: the device is waited for at
+    each stage's end). ``rel err`` is the largest difference of any output against the
+    reference (0: the same pairs, colours and boxes).
+    """
+    import numpy as np
+
+    from gpu_service.models.localizer import LocalizerModel
+    from gpu_service.shm import ChunkKind, Descriptor
+
+    frames, refs = _localizer_inputs(p)
+    frames, refs = frames.to(p.device), refs.to(p.device)
+    jobs = [f"bench-{i}" for i in range(p.batch)]
+
+    def item(job: str, kind: ChunkKind, n: int) -> Descriptor:
+        return Descriptor(
+            slot=0,
+            seq=0,
+            kind=kind,
+            job_id=job,
+            generation=0,
+            chunk=0,
+            priority=0,
+            arrival=0.0,
+            published_at=0.0,
+            shape=(n, *frames.shape[2:]),
+            dtype=np.dtype(np.uint8),
+        )
+
+    variants = [("reference", "sift_cv2", False), ("fused", "sift_cv2", True)]
+    if p.device.type == "cuda":
+        variants += [("reference", "sift_kornia", False), ("fused", "sift_kornia", True)]
+    rows: list[dict[str, Any]] = []
+    outputs: dict[str, dict[str, torch.Tensor]] = {}
+    for label, features, fused in variants:
+        variant = f"{label}:{features}"
+        row: dict[str, Any] = {
+            "model": "localizer",
+            "variant": variant,
+            "backend": label,
+            "precision": "fp32",
+            "status": "ok",
+        }
+        rows.append(row)
+        start = time.perf_counter()
+        try:
+            model = LocalizerModel(p.device, features=features, fused=fused)
+            for job in jobs:
+                model.bind(ChunkKind.REFS, [item(job, ChunkKind.REFS, refs.shape[1])])
+                model(refs)
+            model.bind(ChunkKind.FRAMES, [item(job, ChunkKind.FRAMES, p.frames) for job in jobs])
+            for _ in range(p.warmup):
+                out = model(frames)
+        except Exception as exc:
+            row["status"] = f"unavailable: {type(exc).__name__}: {str(exc)[:160]}"
+            continue
+        finally:
+            row["build_s"] = round(time.perf_counter() - start, 2)
+        outputs[variant] = out
+        model.stage_s.clear()
+        model.profile = True
+        times = []
+        for _ in range(p.rounds):
+            times.append(_time(model, frames, p.iters, p.device))
+        sec = statistics.median(times)
+        calls = p.rounds * p.iters
+        per_frame = 1000.0 / (calls * p.batch * p.frames)
+        row["ms_per_batch"] = round(sec * 1000, 3)
+        row["best_ms_per_batch"] = round(min(times) * 1000, 3)
+        row["chunks_per_s"] = round(p.batch / sec, 3)
+        row["frames_per_s"] = round(p.batch * p.frames / sec, 2)
+        row["stage_ms_per_frame"] = {k: round(v * per_frame, 3) for k, v in model.stage_s.items()}
+        ref = outputs.get(f"reference:{features}")
+        if ref is not None:
+            row["rel_err"] = max(float((out[k] - ref[k]).abs().max()) for k in out)
+        del model
+    for row in rows:
+        base = next(
+            (
+                r
+                for r in rows
+                if r["variant"] == "reference:" + row["variant"].split(":")[1]
+                and "chunks_per_s" in r
+            ),
+            None,
+        )
+        if base is not None and "chunks_per_s" in row:
+            row["vs_eager"] = round(row["chunks_per_s"] / base["chunks_per_s"], 3)
+    return rows
+
+
 def _machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -270,6 +416,9 @@ def _table(report: dict[str, Any]) -> str:
                 f"{r['ms_per_batch']:>10.2f} {r['chunks_per_s']:>9.2f} {r['frames_per_s']:>9.1f} "
                 f"{r.get('vs_eager', float('nan')):>7.2f}x {r.get('rel_err', 0.0):>9.2e}  ok"
             )
+            if r.get("stage_ms_per_frame"):
+                stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stage_ms_per_frame"].items())
+                lines.append(f"{'':<9} {'':<20} ms/frame by stage: {stages}")
         else:
             lines.append(
                 f"{r['model']:<9} {r['variant']:<20} {r['precision']:<5} {'-':>10} {'-':>9} "
@@ -308,7 +457,8 @@ def run(args: argparse.Namespace) -> int:
         "results": [],
     }
     for name in p.models:
-        report["results"].extend(bench_model(name, p))
+        rows = bench_localizer(p) if name == "localizer" else bench_model(name, p)
+        report["results"].extend(rows)
     report["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     text = _table(report)
     print(text, file=sys.stderr if args.json else sys.stdout)

@@ -19,7 +19,17 @@ the model computes, batched on the device:
    computed once, when the job's refs chunk runs, at three sizes (products look much
    smaller in footage than in their photos), and kept in a per-job cache keyed by
    ``(job_id, generation)``. Per product image and size: ratio test (0.8) and mutual
-   nearest neighbours on RootSIFT, as one matrix product per frame.
+   nearest neighbours on RootSIFT.
+
+**Fused and batched** (every backend but ``eager``; the ``eager`` backend, every model's
+unoptimized reference, runs the per-picture path, ``fused=False``: the same outputs):
+colour bins are one gather per pixel from a 2^24-entry table (:class:`ColourLut`,
+exact: built from :func:`colour_bins` itself); keypoints are padded into ``[N, k, ...]``
+tensors and each job's frames are matched against each product view in one batched
+product (:func:`match_batched`), ranked and packed into rows by tensor operations
+(:func:`pack_pairs`): the number of device calls per batch grows with the product
+views, not with the frames, and nothing in matching waits on the host. The model keeps
+its time per stage (``colour``, ``features``, ``match``, ``refs``) in ``stage_s``.
 
 Outputs per picture (:data:`gpu_service.protocol.LOCALIZER`):
 
@@ -46,6 +56,7 @@ import collections
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -122,6 +133,50 @@ def colour_bins(img: torch.Tensor) -> torch.Tensor:
     chromatic = (sat > 0.2) & (mx > 0.12) & (d > 0.06)
     vb = (mx * GREY_BINS).long().clamp(0, GREY_BINS - 1)
     return torch.where(chromatic, hb * SAT_BINS + sb, HUE_BINS * SAT_BINS + vb)
+
+
+class ColourLut:
+    """:func:`colour_bins` of every 24-bit RGB colour, looked up instead of computed.
+
+    The frames are uint8, so a picture's bins are a pure function of its pixels' 2^24
+    possible colours: the table (16 MiB of uint8, built once per device by running
+    :func:`colour_bins` itself over every colour, in slices) gives exactly the same bin
+    for every pixel as computing it (a test checks all of it), at one integer gather per
+    pixel instead of a dozen float passes over the batch.
+    """
+
+    SLICE = 1 << 20
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        table = torch.empty(1 << 24, dtype=torch.uint8, device=device)
+        with torch.inference_mode():
+            for lo in range(0, 1 << 24, self.SLICE):
+                code = torch.arange(lo, lo + self.SLICE, device=device, dtype=torch.int32)
+                rgb = torch.stack([(code >> 16) & 255, (code >> 8) & 255, code & 255], dim=0)
+                img = rgb.to(torch.uint8).float().div(255.0)[None, :, None, :]
+                table[lo : lo + self.SLICE] = colour_bins(img)[0, 0].to(torch.uint8)
+        self.table = table
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """``frames`` uint8 ``[N, H, W, 3]`` RGB -> bin index ``[N, H, W]`` (int64)."""
+        px = frames.to(torch.int32)
+        code = (px[..., 0] << 16) | (px[..., 1] << 8) | px[..., 2]
+        return self.table[code].long()
+
+
+_LUTS: dict[str, ColourLut] = {}
+_LUTS_LOCK = threading.Lock()
+
+
+def colour_lut(device: torch.device) -> ColourLut:
+    """The process's :class:`ColourLut` for ``device`` (built on first use)."""
+    key = str(device)
+    with _LUTS_LOCK:
+        lut = _LUTS.get(key)
+        if lut is None:
+            lut = _LUTS[key] = ColourLut(device)
+        return lut
 
 
 def backdrop(
@@ -278,7 +333,7 @@ class KorniaSift(Features):
         for i in range(gray.shape[0]):  # kornia 0.9's scale-space detector takes one image
             lafs, resp, desc = self.feature(gray[i : i + 1])
             xy = self.kf.get_laf_center(lafs)[0]
-            x, y, w, h = rects[i].tolist()
+            x, y, w, h = rects[i].to(xy.device).unbind()  # stays on the device
             keep = (resp[0].reshape(-1) != 0) & (xy[:, 0] >= x + 2) & (xy[:, 0] < x + w - 2)
             keep &= (xy[:, 1] >= y + 2) & (xy[:, 1] < y + h - 2)
             out.append((xy[keep].float(), F.normalize(desc[0][keep].float(), dim=1)))
@@ -329,6 +384,111 @@ class RefView:
         self.xy, self.desc = xy, desc
 
 
+def pad_features(
+    feats: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-picture features padded: xy ``[N, k, 2]``, desc ``[N, k, 128]``, count ``[N]``."""
+    n = len(feats)
+    xy = torch.zeros(n, k, 2, device=device)
+    desc = torch.zeros(n, k, 128, device=device)
+    count = torch.zeros(n, dtype=torch.long, device=device)
+    for i, (p, d) in enumerate(feats):
+        m = min(k, int(p.shape[0]))
+        if m:
+            xy[i, :m] = p[:m].to(device)
+            desc[i, :m] = d[:m].to(device)
+        count[i] = m
+    return xy, desc, count
+
+
+def match_batched(
+    dq: torch.Tensor, nq: torch.Tensor, dr: torch.Tensor, ratio: float = RATIO
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`match` for ``T`` pictures against one reference view, in one batched product.
+
+    ``dq`` ``[T, k, 128]`` unit descriptors of which the first ``nq[t]`` are real;
+    ``dr`` ``[m, 128]``. Returns, per query row, ``ok [T, k]`` (ratio test and mutual
+    nearest neighbour), ``first [T, k]`` (the matched reference row) and the ratio
+    ``[T, k]``; the same decisions as :func:`match` on each picture alone.
+    """
+    t, k, _ = dq.shape
+    rows = torch.arange(k, device=dq.device)
+    real = rows[None, :] < nq[:, None]  # [T, k]
+    if dr.shape[0] < 2:
+        zero = torch.zeros(t, k, dtype=torch.bool, device=dq.device)
+        return (
+            zero,
+            torch.zeros(t, k, dtype=torch.long, device=dq.device),
+            torch.ones(t, k, device=dq.device),
+        )
+    # Nearest = most similar (unit vectors: d^2 = 2 - 2 cos), so the ranking runs on the
+    # product itself and only the two best per row become distances.
+    sim = dq @ dr.T  # [T, k, m]
+    if not bool(real.all()):
+        sim[~real] = -float("inf")
+    best2, idx2 = torch.topk(sim, 2, dim=2)
+    d2 = (2.0 - 2.0 * best2).clamp_min(0.0)
+    r = d2[..., 0].sqrt() / d2[..., 1].sqrt().clamp_min(1e-6)
+    first = idx2[..., 0]
+    back = sim.argmax(dim=1)  # [T, m]: the nearest query of each reference row
+    mutual = torch.gather(back, 1, first) == rows[None, :]
+    ok = real & (nq[:, None] >= 2) & (r < ratio) & mutual
+    return ok, first, r
+
+
+def pack_pairs(
+    xy: torch.Tensor,
+    nq: torch.Tensor,
+    desc: torch.Tensor,
+    refs: Sequence[Sequence[RefView]],
+) -> torch.Tensor:
+    """Matched pairs of ``T`` pictures of one job, ``[T, MAX_PAIRS, 5]``, in one pass.
+
+    Per product image its views' matches are ranked by ratio (best first), the best
+    :data:`MAX_PAIRS_PER_PRODUCT` kept, and the products packed one after the other
+    into each picture's rows; rows after the last match are -1. No per-picture loop:
+    every step is a batched tensor operation, so on a GPU nothing waits on the host.
+    """
+    t, k, _ = xy.shape
+    device = xy.device
+    out = torch.full((t, MAX_PAIRS, 5), -1.0, device=device)
+    offset = torch.zeros(t, dtype=torch.long, device=device)
+    trows = torch.arange(t, device=device)[:, None]
+    for product, views in enumerate(refs):
+        ratios, frame_xy, ref_xy = [], [], []
+        for view in views:
+            ok, first, r = match_batched(desc, nq, view.desc)
+            ratios.append(torch.where(ok, r, torch.full_like(r, float("inf"))))
+            frame_xy.append(xy)
+            if view.xy.shape[0]:
+                ref_xy.append(view.xy[first.clamp_max(view.xy.shape[0] - 1)])
+            else:
+                ref_xy.append(torch.zeros(t, k, 2, device=device))
+        if not ratios:
+            continue
+        rr = torch.cat(ratios, dim=1)  # [T, V*k]
+        fx = torch.cat(frame_xy, dim=1)
+        px = torch.cat(ref_xy, dim=1)
+        keep = min(MAX_PAIRS_PER_PRODUCT, rr.shape[1])
+        best, order = torch.sort(rr, dim=1, stable=True)
+        best, order = best[:, :keep], order[:, :keep]
+        valid = torch.isfinite(best)
+        pos = offset[:, None] + torch.arange(keep, device=device)[None, :]
+        valid &= pos < MAX_PAIRS
+        row = torch.cat(
+            [
+                torch.gather(fx, 1, order[..., None].expand(-1, -1, 2)),
+                torch.gather(px, 1, order[..., None].expand(-1, -1, 2)),
+                torch.full((t, keep, 1), float(product), device=device),
+            ],
+            dim=2,
+        )
+        ti = trows.expand(-1, keep)[valid]
+        out[ti, pos[valid]] = row[valid]
+        offset = offset + valid.sum(dim=1)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # The model.
 # ---------------------------------------------------------------------------
@@ -342,8 +502,18 @@ class LocalizerModel(Model):
         preprocessing="letterboxed RGB -> RootSIFT keypoints, colour cells, matches",
     )
 
-    def __init__(self, device: torch.device, features: str = "auto", keypoints: int = 512):
+    def __init__(
+        self,
+        device: torch.device,
+        features: str = "auto",
+        keypoints: int = 512,
+        *,
+        fused: bool = True,
+    ):
         self.device = device
+        #: ``False``: the per-picture reference path (float colour bins, one match per
+        #: picture and view); the same outputs, kept for tests and ``bench models``
+        self.fused = fused
         self.features = make_features(features, keypoints, device)
         self.backend = self.features.name
         self._cache: collections.OrderedDict[tuple[str, int], list[list[RefView]]] = (
@@ -351,6 +521,13 @@ class LocalizerModel(Model):
         )
         self._kind = ChunkKind.FRAMES
         self._items: list[Descriptor] = []
+        self.lut = colour_lut(device)
+        #: seconds per stage (colour, features, match, refs) since the model was built;
+        #: with ``profile`` the device is waited for at each stage's end (GPU figures
+        #: are then exact, at the cost of a sync per stage)
+        self.stage_s: dict[str, float] = collections.defaultdict(float)
+        self.stage_calls = 0
+        self.profile = False
 
     @property
     def trusted(self) -> bool:
@@ -401,6 +578,7 @@ class LocalizerModel(Model):
     def _pairs(
         self, xy: torch.Tensor, desc: torch.Tensor, refs: list[list[RefView]]
     ) -> torch.Tensor:
+        """One picture's pairs, picture by picture: the reference for :func:`pack_pairs`."""
         out = torch.full((MAX_PAIRS, 5), -1.0, device=self.device)
         row = 0
         xy, desc = xy.to(self.device), desc.to(self.device)
@@ -423,36 +601,62 @@ class LocalizerModel(Model):
             row += n
         return out
 
+    # -- timing ----------------------------------------------------------------
+    def _mark(self, stage: str, since: float) -> float:
+        """Add the time since ``since`` to ``stage`` (device work waited for when profiling)."""
+        if self.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.stage_s[stage] += now - since
+        return now
+
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         b, t, h, w, c = frames.shape
+        t0 = time.perf_counter()
         flat = frames.reshape(b * t, h, w, c)
         rects = content_rects(flat)
-        img = flat.permute(0, 3, 1, 2).float() / 255.0
-        bins = colour_bins(img)
         items = self._items[:b]
         is_refs = self._kind == ChunkKind.REFS
-        weight = (~backdrop(img)).float() if is_refs else torch.ones_like(bins, dtype=torch.float32)
+        bins = (
+            self.lut(flat) if self.fused else colour_bins(flat.permute(0, 3, 1, 2).float() / 255.0)
+        )
+        if is_refs:
+            weight = (~backdrop(flat.permute(0, 3, 1, 2).float() / 255.0)).float()
+        else:
+            weight = torch.ones_like(bins, dtype=torch.float32)
         colour = cells(bins, weight)
-        pairs = torch.full((b * t, MAX_PAIRS, 5), -1.0, device=frames.device)
+        t0 = self._mark("colour", t0)
         status = torch.full((b * t, 1), STATUS_NO_REFS, device=frames.device)
         if is_refs:
+            pairs = torch.full((b * t, MAX_PAIRS, 5), -1.0, device=frames.device)
             for i, d in enumerate(items):
                 n = min(t, int(d.shape[0]) if d.shape else t)  # rows past n are padding
                 views = [self._ref_views(flat[i * t + j], rects[i * t + j]) for j in range(n)]
                 self._remember((d.job_id, d.generation), views)
             status.fill_(STATUS_REFS)
+            self._mark("refs", t0)
         else:
             feats = self.features(flat, rects)
+            xy, desc, count = pad_features(feats, self.features.k, self.device)
+            t0 = self._mark("features", t0)
+            pairs = torch.full((b, t, MAX_PAIRS, 5), -1.0, device=frames.device)
+            status = status.reshape(b, t, 1)
             for i in range(b):
                 item = items[i] if i < len(items) else None
                 refs = self._cache.get((item.job_id, item.generation)) if item else None
                 if refs is None:
                     continue
-                for j in range(t):
-                    xy, desc = feats[i * t + j]
-                    pairs[i * t + j] = self._pairs(xy, desc, refs)
-                    status[i * t + j] = STATUS_MATCHED
+                rows = slice(i * t, (i + 1) * t)
+                if self.fused:
+                    pairs[i] = pack_pairs(xy[rows], count[rows], desc[rows], refs)
+                else:
+                    for j in range(t):
+                        fxy, fdesc = feats[i * t + j]
+                        pairs[i, j] = self._pairs(fxy, fdesc, refs)
+                status[i] = STATUS_MATCHED
+            self._mark("match", t0)
+        self.stage_calls += 1
         return {
             "pairs": pairs.reshape(b, t, MAX_PAIRS, 5),
             "colour": colour.reshape(b, t, GRID, GRID, BINS),
@@ -466,8 +670,11 @@ class LocalizerModel(Model):
 @register("localizer")
 def _build(ctx: BuildContext) -> Model:
     s: Any = ctx.settings
+    # The ``eager`` backend is every model's unoptimized reference: here the per-picture
+    # path; every other backend gets the fused one (the same outputs).
     return LocalizerModel(
         ctx.device,
         features=setting(s, "localizer_features", "auto"),
         keypoints=setting(s, "localizer_keypoints", 512),
+        fused=setting(s, "backend", "auto") != "eager",
     )

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clipline_core.settings import Settings
 from gpu_service import inprocess, protocol
@@ -198,3 +199,57 @@ def test_kornia_features_reach_the_same_decisions(media: Path) -> None:
         ev = localize.evidence(_job(m, _buffers([product]), frames, job=kind))
         decisions[kind] = ev.verified.tolist()
     assert decisions["sift_cv2"] == decisions["sift_kornia"] == [True, True, False, False]
+
+
+def test_the_colour_table_gives_the_computed_bins(media: Path) -> None:
+    """The fused path's colour lookup equals :func:`colour_bins` on real frames and greys."""
+    frames = torch.from_numpy(_buffers(_background(media, 3)))
+    extra = torch.zeros(1, S, S, 3, dtype=torch.uint8)
+    extra[0, :, :, 0] = torch.arange(S)[:, None] % 256  # red ramp
+    extra[0, :, :, 1] = torch.arange(S)[None, :] % 256  # green ramp
+    extra[0, ::2, :, 2] = 255  # and stripes of blue
+    grey = torch.arange(256, dtype=torch.uint8)[:, None, None, None].expand(256, 1, 1, 3)
+    grey = F.pad(grey.permute(0, 3, 1, 2), (0, S - 1, 0, S - 1)).permute(0, 2, 3, 1)
+    for batch in (frames, extra, grey.contiguous()):
+        computed = loc.colour_bins(batch.permute(0, 3, 1, 2).float() / 255.0)
+        assert torch.equal(loc.colour_lut(CPU)(batch), computed)
+    assert len(torch.unique(loc.colour_lut(CPU).table)) == loc.BINS  # every bin is reachable
+
+
+def test_batched_matching_packs_the_same_pairs_as_picture_by_picture(media: Path) -> None:
+    """pack_pairs == one match per picture and view, also with empty and sparse pictures.
+
+    Two product images (so rows of two products are packed one after the other), frames
+    with the product planted, frames without it, a black frame (no keypoints) and one
+    with a single bright dot (fewer than two keypoints), so every padding case runs.
+    """
+    product = cv2.imread(str(media / "baboon.jpg"))
+    other = cv2.imread(str(media / "fruits.jpg"))
+    bg = _background(media, 5)
+    quad = np.array([[120, 80], [330, 100], [320, 300], [130, 280]])
+    dot = np.zeros((360, 640, 3), np.uint8)
+    cv2.circle(dot, (320, 180), 4, (255, 255, 255), -1)
+    pictures = [_plant(bg[0], product, quad), _plant(bg[1], other, quad), bg[2], bg[3], bg[4]]
+    frames = _buffers([*pictures, np.zeros_like(dot) + 1, dot])
+    refs = _buffers([product, other])
+    outs = {}
+    for fused in (True, False):
+        m = loc.LocalizerModel(CPU, features="sift_cv2", fused=fused)
+        results = _job(m, refs, frames, job=f"fused-{fused}")
+        outs[fused] = results
+        assert set(m.stage_s) >= {"colour", "features", "match", "refs"}
+    for name in ("pairs", "colour", "content", "status"):
+        key = protocol.LOCALIZER[name]
+        a, b = outs[True].concat(key), outs[False].concat(key)
+        assert a is not None and b is not None and np.array_equal(a, b), name
+    pairs = outs[True].concat(protocol.LOCALIZER["pairs"])
+    assert pairs is not None
+    assert (pairs[0, :, 4] == 0).sum() > 20  # the planted baboon is matched
+    assert (pairs[1, :, 4] == 1).sum() > 20  # the planted fruits too, packed as product 1
+    assert (pairs[5, :, 0] == -1).all()  # a frame with no keypoints has no pairs
+
+
+def test_the_eager_backend_builds_the_reference_path_and_the_others_the_fused_one() -> None:
+    for backend, fused in (("eager", False), ("channels_last", True), ("auto", True)):
+        m = build("localizer", BuildContext(Settings(backend=backend), CPU))
+        assert isinstance(m, loc.LocalizerModel) and m.fused is fused, backend
