@@ -391,14 +391,14 @@ def pad_features(
     n = len(feats)
     xy = torch.zeros(n, k, 2, device=device)
     desc = torch.zeros(n, k, 128, device=device)
-    count = torch.zeros(n, dtype=torch.long, device=device)
+    counts = []
     for i, (p, d) in enumerate(feats):
-        m = min(k, int(p.shape[0]))
+        m = min(k, int(p.shape[0]))  # a shape: known on the host, no device wait
         if m:
             xy[i, :m] = p[:m].to(device)
             desc[i, :m] = d[:m].to(device)
-        count[i] = m
-    return xy, desc, count
+        counts.append(m)
+    return xy, desc, torch.tensor(counts, dtype=torch.long).to(device, non_blocking=True)
 
 
 def match_batched(
@@ -424,8 +424,8 @@ def match_batched(
     # Nearest = most similar (unit vectors: d^2 = 2 - 2 cos), so the ranking runs on the
     # product itself and only the two best per row become distances.
     sim = dq @ dr.T  # [T, k, m]
-    if not bool(real.all()):
-        sim[~real] = -float("inf")
+    if sim.is_cuda or not bool(real.all()):  # on a GPU always: no wait for the answer
+        sim.masked_fill_(~real[:, :, None], -float("inf"))
     best2, idx2 = torch.topk(sim, 2, dim=2)
     d2 = (2.0 - 2.0 * best2).clamp_min(0.0)
     r = d2[..., 0].sqrt() / d2[..., 1].sqrt().clamp_min(1e-6)
@@ -451,9 +451,8 @@ def pack_pairs(
     """
     t, k, _ = xy.shape
     device = xy.device
-    out = torch.full((t, MAX_PAIRS, 5), -1.0, device=device)
+    out = torch.full((t, MAX_PAIRS + 1, 5), -1.0, device=device)
     offset = torch.zeros(t, dtype=torch.long, device=device)
-    trows = torch.arange(t, device=device)[:, None]
     for product, views in enumerate(refs):
         ratios, frame_xy, ref_xy = [], [], []
         for view in views:
@@ -483,10 +482,12 @@ def pack_pairs(
             ],
             dim=2,
         )
-        ti = trows.expand(-1, keep)[valid]
-        out[ti, pos[valid]] = row[valid]
+        # rows that are not kept go to a spare row past the end (no boolean indexing:
+        # it would wait for the device to count them)
+        dest = torch.where(valid, pos, torch.full_like(pos, MAX_PAIRS))
+        out.scatter_(1, dest[..., None].expand(-1, -1, 5), row)
         offset = offset + valid.sum(dim=1)
-    return out
+    return out[:, :MAX_PAIRS]
 
 
 # ---------------------------------------------------------------------------
