@@ -58,10 +58,11 @@ COPY workers ./workers
 COPY gpu_service ./gpu_service
 COPY operator ./operator
 COPY bench/clipline_bench ./bench/clipline_bench
-# One image serves every role (daemon, workers, API, operator): the extras of each. The
+# One image serves every role (daemon, workers, API, operator): the extras of each, with
+# every decode backend of the workers (nvdec runs where the pod sees its GPU). The
 # check at the end: the wheel's ffmpeg runs here and has libx264 and AAC.
 RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt \
-        "torch==${TORCH_VERSION}" "./[gpu,models,captions,operator,s3]" \
+        "torch==${TORCH_VERSION}" "./[gpu,models,captions,operator,s3,pyav,nvdec]" \
     && clipline --help >/dev/null \
     && clipline-operator --help >/dev/null \
     && python -c "from workers import ffmpeg; assert ffmpeg.find('bundled'), 'no bundled ffmpeg'"

@@ -3,7 +3,7 @@
 Main job::
 
     clipline highlight VIDEO --image PRODUCT.jpg [--image ...] [--title T]
-                       [--description D] [--duration 5] [--out DIR] [--json]
+                       [--description D] [--duration 5] [--aspect 9:16] [--out DIR] [--json]
 
 Local stack: ``clipline up`` / ``status`` / ``logs`` / ``down``; jobs through the HTTP
 API (the running stack's, or ``CLIPLINE_API_URL`` with ``CLIPLINE_API_KEY``):
@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 from clipline.display import JobDisplay, Output, progress_text
 from clipline_core import constants
 from clipline_core.errors import ApiError, ClipError, ErrorCode
-from clipline_core.settings import Settings
+from clipline_core.settings import ENV_PREFIX, Settings
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -537,6 +537,7 @@ def cmd_highlight(args: argparse.Namespace) -> int:
             title=args.title,
             description=args.description,
             duration_s=args.duration,
+            aspect=args.aspect,
             priority=args.priority,
         )
     except ValidationError as exc:
@@ -642,11 +643,22 @@ def _product_line(product: dict[str, Any] | None) -> str:
     )
 
 
+def _reframe_line(aspect: str | None, width: Any, height: Any, reframe: Any) -> str | None:
+    """A vertical or square clip's shape, size and what it followed (None for source)."""
+    if not reframe:
+        return None
+    note = f"; {reframe['note']}" if reframe.get("note") else ""
+    return f"{aspect} {width}x{height}, following the {reframe['follow']}{note}"
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     if summary["status"] == "succeeded":
         h = summary["highlight"]
         print(f"highlight: {h['start_s']:.2f}-{h['end_s']:.2f} s (score {h['score']:.3f})")
         print(f"product:   {_product_line(h.get('product'))}")
+        frame = _reframe_line(h.get("aspect"), h.get("width"), h.get("height"), h.get("reframe"))
+        if frame:
+            print(f"frame:     {frame}")
         print(f"clip:      {h['path']}")
     else:
         err = summary.get("error") or {}
@@ -861,6 +873,10 @@ def _print_view(view: Any) -> None:
         print(f"highlight: {r.start_s:.2f}-{r.end_s:.2f} s (score {r.score:.3f})")
         product = r.product.model_dump() if r.product is not None else None
         print(f"product:   {_product_line(product)}")
+        reframe = r.reframe.model_dump() if r.reframe is not None else None
+        frame = _reframe_line(r.aspect, r.width, r.height, reframe)
+        if frame:
+            print(f"frame:     {frame}")
     elif view.error is not None:
         print(f"{view.state.value}: {view.error.code}: {view.error.message}")
     else:
@@ -976,6 +992,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             title=args.title,
             description=args.description,
             duration_s=args.duration,
+            aspect=args.aspect,
             priority=args.priority,
             callback_url=args.callback_url,
         )
@@ -993,6 +1010,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             title=spec.title,
             description=spec.description,
             duration_s=spec.duration_s,
+            aspect=spec.aspect.value,
             priority=spec.priority.value,
             callback_url=spec.callback_url,
             idempotency_key=args.idempotency_key,
@@ -1175,7 +1193,12 @@ def cmd_gpu_daemon(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    from workers import decoders
     from workers.app import worker_argv
+
+    # A decode backend that cannot run on this node stops the worker here
+    # (decoder_unavailable); the pool processes get the backend `auto` resolved to.
+    os.environ[f"{ENV_PREFIX}DECODE_BACKEND"] = decoders.resolve(settings)
 
     argv = worker_argv(
         settings,
@@ -1285,6 +1308,13 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
         default=5.0,
         metavar="SECONDS",
         help="highlight length in seconds (default 5)",
+    )
+    p.add_argument(
+        "--aspect",
+        default="source",
+        metavar="{9:16,1:1,4:5,source}",
+        help="the clip's shape: a vertical or square crop that keeps the product in "
+        "frame, or the source's own (default source)",
     )
     p.add_argument(
         "--priority",

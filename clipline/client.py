@@ -147,6 +147,7 @@ class Client:
         title: str = "",
         description: str = "",
         duration_s: float = 5.0,
+        aspect: str = "source",
         priority: str = constants.DEFAULT_PRIORITY.value,
         callback_url: str | None = None,
         upload_url: str | None = None,
@@ -157,6 +158,8 @@ class Client:
 
         ``metadata`` (JSON scalars under string keys; see ``docs/api.md`` for its limits)
         is stored with the job and comes back in its document and its callback.
+        ``aspect`` is the clip's shape: ``source`` (the default, sent only when another
+        is asked for), ``9:16``, ``1:1`` or ``4:5``.
         """
         body: dict[str, Any] = {
             "video_url": video_url,
@@ -166,6 +169,8 @@ class Client:
             "duration_s": duration_s,
             "priority": priority,
         }
+        if aspect != "source":
+            body["aspect"] = aspect
         if callback_url is not None:
             body["callback_url"] = callback_url
         if upload_url is not None:

@@ -248,6 +248,16 @@ BACKENDS: Final[tuple[str, ...]] = ("eager", "channels_last", "compile", "cudagr
 
 
 # ---------------------------------------------------------------------------
+# Video decode backends of the CPU workers: ``Settings.decode_backend``, the
+# ClipPipeline's ``spec.workers.decodeBackend`` and the ``decoder`` of a job's video
+# metadata (see :mod:`workers.decoders`). ``opencv`` is the default and the reference;
+# ``auto`` picks ``nvdec`` where CUDA and PyNvVideoCodec are available, else ``opencv``.
+# ---------------------------------------------------------------------------
+DECODE_BACKENDS: Final[tuple[str, ...]] = ("opencv", "pyav", "nvdec")
+DECODE_BACKEND_CHOICES: Final[tuple[str, ...]] = (*DECODE_BACKENDS, "auto")
+
+
+# ---------------------------------------------------------------------------
 # Prometheus metric names (base units; counters end in _total). Labels are
 # bounded: never a job id.
 # ---------------------------------------------------------------------------

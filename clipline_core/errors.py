@@ -52,6 +52,9 @@ class ErrorCode(enum.StrEnum):
     REQUEST_TIMEOUT = "request_timeout"  # the client sent its request too slowly (408)
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
+    # The worker's decode_backend cannot run on its node: ``clipline worker`` refuses to
+    # start with it; a worker started otherwise (the local stack) fails its jobs with it.
+    DECODER_UNAVAILABLE = "decoder_unavailable"
 
 
 #: codes an API error answer may carry
@@ -93,6 +96,7 @@ JOB_CODES: frozenset[ErrorCode] = frozenset(
         ErrorCode.TOO_LONG,
         ErrorCode.RESOLUTION_TOO_HIGH,
         ErrorCode.GPU_UNAVAILABLE,
+        ErrorCode.DECODER_UNAVAILABLE,
         ErrorCode.BACKPRESSURE,
         ErrorCode.RENDER_FAILED,
         ErrorCode.UPLOAD_FAILED,

@@ -1,6 +1,8 @@
 """The job model: what a backend asks for, and the state machine a job moves through.
 
 ``JobSpec`` is the request (shared with the HTTP API, which validates bodies with it);
+``Aspect`` the closed set of clip shapes a job may ask for (``source`` keeps the
+source's picture; the others are cut out of it along a crop path, :class:`Reframe`);
 ``JobState`` is the closed set of states with the named sets ``TERMINAL`` and
 ``ACTIVE``; ``Job`` is the record stored in Redis (see :mod:`clipline_core.store`)::
 
@@ -56,6 +58,15 @@ def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
+class Aspect(enum.StrEnum):
+    """The shape of a job's clip: the source's own, or a vertical or square crop of it."""
+
+    SOURCE = "source"
+    VERTICAL = "9:16"
+    SQUARE = "1:1"
+    PORTRAIT = "4:5"
+
+
 class JobState(enum.StrEnum):
     QUEUED = "queued"
     FETCHING = "fetching"
@@ -105,6 +116,13 @@ class JobSpec(BaseModel):
         allow_inf_nan=False,
         description="highlight length in seconds",
     )
+    aspect: Aspect = Field(
+        Aspect.SOURCE,
+        description=(
+            "the clip's shape: source (the source's picture, as it is), or 9:16, 1:1 or "
+            "4:5, cut out of the source along a crop path that keeps the product in frame"
+        ),
+    )
     priority: PriorityClass = DEFAULT_PRIORITY
     callback_url: Source | None = Field(None, description="URL to POST the signed outcome to")
     upload_url: Source | None = Field(None, description="presigned HTTP PUT URL for the clip")
@@ -143,6 +161,8 @@ class JobSpec(BaseModel):
         data = self.model_dump(mode="json")
         if data.get("metadata") is None:
             del data["metadata"]  # a spec without metadata keeps its fingerprint
+        if data.get("aspect") == Aspect.SOURCE.value:
+            del data["aspect"]  # so does one with the default aspect
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
@@ -172,6 +192,37 @@ class ProductEvidence(BaseModel):
     boxes: list[ProductBox] = Field(default_factory=list, description="per verified frame")
 
 
+class CropKey(BaseModel):
+    """A keyframe of a crop path: source time (s) and the crop window (source pixels)."""
+
+    t: float
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+class Reframe(BaseModel):
+    """How a vertical or square clip was cut out of the source picture."""
+
+    source: list[int] = Field(description="the source picture's width and height (px)")
+    crop: list[int] = Field(description="the crop window's width and height (source px)")
+    standard: bool = Field(
+        description="the clip has the aspect's standard size (1080x1920, 1080x1080, "
+        "1080x1350); false: the source is too small for it and the clip is not upscaled"
+    )
+    note: str | None = Field(None, description="why the clip is smaller than standard")
+    follow: str = Field(
+        description="what the path follows: product (its verified boxes), attention "
+        "(a saliency map), or centre (the product was not seen)"
+    )
+    path: list[CropKey] = Field(
+        default_factory=list,
+        description="keyframes of the crop window; it moves linearly between them, frame "
+        "by frame, and stays at the last one after it",
+    )
+
+
 class Highlight(BaseModel):
     start_s: float
     end_s: float
@@ -184,6 +235,10 @@ class Highlight(BaseModel):
     audio: bool | None = None
     frames: int | None = None
     product: ProductEvidence | None = None
+    aspect: Aspect | None = None
+    width: int | None = None  # the clip's picture (px)
+    height: int | None = None
+    reframe: Reframe | None = None  # the crop path of a vertical or square clip
 
 
 class JobProgress(BaseModel):

@@ -22,7 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from clipline_core import constants
 from clipline_core.constants import PriorityClass
 from clipline_core.errors import JOB_CODES, REQUEST_CODES, ErrorCode
-from clipline_core.job import ACTIVE, Job, JobProgress, JobState, MetadataValue, ProductEvidence
+from clipline_core.job import (
+    ACTIVE,
+    Aspect,
+    Job,
+    JobProgress,
+    JobState,
+    MetadataValue,
+    ProductEvidence,
+    Reframe,
+)
 
 #: every code an error answer's ``error.code`` may be (the enum of the published schema)
 API_ERROR_CODES: frozenset[ErrorCode] = REQUEST_CODES | JOB_CODES
@@ -48,6 +57,7 @@ EXAMPLE_JOB: dict[str, Any] = {
     "priority": "high",
     "title": "Blue kettle",
     "duration_s": 5.0,
+    "aspect": "9:16",
     "callback": True,
     "metadata": {"order_id": "A-1042", "sku": 31337},
     "created_at": 1700000000.1,
@@ -73,6 +83,21 @@ EXAMPLE_JOB: dict[str, Any] = {
         "url": None,
         "download": _links(_ID)["highlight"],
         "product": None,
+        "aspect": "9:16",
+        "width": 594,
+        "height": 1056,
+        "reframe": {
+            "source": [1920, 1080],
+            "crop": [606, 1080],
+            "standard": False,
+            "note": "smaller than the standard 1080x1920: the source's 9:16 window is 606x1080 px",
+            "follow": "product",
+            "path": [
+                {"t": 12.0, "x": 402, "y": 0, "w": 606, "h": 1080},
+                {"t": 14.5, "x": 655, "y": 0, "w": 606, "h": 1080},
+                {"t": 16.96, "x": 701, "y": 0, "w": 606, "h": 1080},
+            ],
+        },
     },
     "error": None,
     "progress": None,
@@ -177,6 +202,12 @@ class JobResult(BaseModel):
     product: ProductEvidence | None = Field(
         None, description="where the product is in the highlight (the product localizer)"
     )
+    aspect: Aspect | None = Field(None, description="the clip's shape (the job's aspect)")
+    width: int | None = Field(None, description="the clip's picture width (px)")
+    height: int | None = Field(None, description="the clip's picture height (px)")
+    reframe: Reframe | None = Field(
+        None, description="the crop path of a 9:16, 1:1 or 4:5 clip (null for source)"
+    )
 
 
 class JobFailure(BaseModel):
@@ -194,6 +225,7 @@ class JobView(BaseModel):
     priority: PriorityClass
     title: str
     duration_s: float
+    aspect: Aspect = Aspect.SOURCE
     callback: bool = Field(description="a completion callback is registered")
     metadata: dict[str, MetadataValue] = Field(
         default_factory=dict, description="the metadata the job was submitted with ({}: none)"
@@ -275,6 +307,10 @@ def job_view(job: Job) -> JobView:
             url=h.url,
             download=job_path(job.id) + "/highlight" if h.path or h.artifact else None,
             product=h.product,
+            aspect=h.aspect,
+            width=h.width,
+            height=h.height,
+            reframe=h.reframe,
         )
     return JobView(
         id=job.id,
@@ -282,6 +318,7 @@ def job_view(job: Job) -> JobView:
         priority=job.spec.priority,
         title=job.spec.title,
         duration_s=job.spec.duration_s,
+        aspect=job.spec.aspect,
         callback=bool(job.spec.callback_url),
         metadata=dict(job.spec.metadata or {}),
         created_at=job.created_at,

@@ -86,6 +86,11 @@ class Settings:
     # FFmpeg decoding threads per reader; 0: one per parallel reader (each reader is a
     # thread of its own), OpenCV's default (one per core) when reading sequentially.
     decode_threads: int = 0
+    # Which library decodes videos (:mod:`workers.decoders`): opencv (the reference) |
+    # pyav (FFmpeg through PyAV, CPU) | nvdec (the node's GPU, PyNvVideoCodec) | auto
+    # (nvdec where CUDA and PyNvVideoCodec are available, else opencv). A worker whose
+    # backend cannot run on its node refuses to start (decoder_unavailable).
+    decode_backend: str = "opencv"
     job_lease_s: float = 30.0  # a job whose worker died is recovered about this long after
     worker_metrics_port: int = 0  # 0: none (the job worker's, or the callback worker's)
     scratch_dir: str = ""  # empty: <state_dir>/scratch
@@ -306,6 +311,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "worker_concurrency",
         "decode_segments",
         "decode_threads",
+        "decode_backend",
         "job_lease_s",
         "worker_metrics_port",
         "scratch_dir",

@@ -438,3 +438,53 @@ def test_opencv_fallback_renders_vp9_without_ffmpeg(tmp_path: Path, media: dict[
         n += 1
     assert n == 72
     assert fourcc.lower() in ("vp09", "vp90")
+
+
+@pytest.mark.skipif(
+    ffmpeg_tool.find("auto") is None,
+    reason="no usable ffmpeg (imageio-ffmpeg or the system's): audio is kept only through ffmpeg",
+)
+def test_vertical_clip_follows_the_product(
+    up: dict[str, str], tmp_path: Path, real_media: Path
+) -> None:
+    """``--aspect 9:16`` on a 16:9 video whose product (a real photo) moves across it:
+    the clip is 9:16 with audio, and its crop path keeps the product's known box inside."""
+    fps, seconds, width = 24.0, 8.0, 130
+    photo = cv2.imread(str(real_media / "baboon.jpg"))
+    assert photo is not None
+    ph = round(photo.shape[0] * width / photo.shape[1])
+    product = cv2.resize(photo, (width, ph), interpolation=cv2.INTER_AREA)
+    silent = tmp_path / "moving.noaudio.avi"
+    writer = cv2.VideoWriter(str(silent), cv2.VideoWriter.fourcc(*"MJPG"), fps, (640, 360))
+
+    def left(t: float) -> float:  # from x=40 to x=470 over 8 s
+        return 40.0 + 430.0 * t / seconds
+
+    for i, frame in enumerate(samples.footage_frames(round(seconds * fps), (640, 360), seed=9)):
+        x = round(left(i / fps))
+        frame[100 : 100 + ph, x : x + width] = product
+        writer.write(frame)
+    writer.release()
+    video = samples.add_tone(silent, tmp_path / "moving.avi", seconds)
+    code, out = highlight(
+        video, [real_media / "baboon.jpg"], up, tmp_path / "out", "--aspect", "9:16"
+    )
+    assert code == 0 and out["status"] == "succeeded", out
+    h = out["highlight"]
+    assert h["aspect"] == "9:16" and (h["width"], h["height"]) == (198, 352)
+    r = h["reframe"]
+    assert r["source"] == [640, 360] and r["crop"] == [202, 360] and not r["standard"]
+    assert r["follow"] == "product" and len(r["path"]) >= 2
+    facts = check_clip(out, video, 5.0)
+    assert facts["codec"] == "h264" and facts["audio"] is True
+    cap = cv2.VideoCapture(h["path"])
+    ok, frame = cap.read()
+    cap.release()
+    assert ok and frame.shape[:2] == (352, 198)
+    keys_t = [k["t"] for k in r["path"]]
+    keys_x = [k["x"] for k in r["path"]]
+    t = h["start_s"] + np.arange(h["frames"]) / fps
+    x = np.interp(t, keys_t, keys_x)
+    product_x = np.array([left(v) for v in t])
+    held = (product_x >= x - 1) & (product_x + width <= x + 202 + 1)
+    assert held.mean() >= 0.9, f"product inside the window in {held.mean():.0%} of frames"

@@ -34,6 +34,10 @@ claims before decoding and against what really decodes while decoding
 (``too_long``, ``resolution_too_high``). A stream that breaks mid-file keeps the
 frames decoded before the break; fewer than ``min_decoded_frames`` is
 ``undecodable_video``.
+
+This is the ``opencv`` decode backend and the reference the others
+(:mod:`workers.decoders`: PyAV on the CPU, NVDEC on the GPU) keep the same frames,
+timestamps and limits as.
 """
 
 from __future__ import annotations
@@ -97,7 +101,8 @@ class VideoInfo:
     rotation: int = 0
     mode: str = "sequential"  # sequential | parallel
     segments: int = 1
-    fallback: str | None = None  # why a parallel read was not used
+    fallback: str | None = None  # why a parallel read (or the configured backend) was not used
+    decoder: str = "opencv"  # the backend that decoded (:mod:`workers.decoders`)
 
     def __post_init__(self) -> None:
         if self.frame_times is None:
@@ -133,6 +138,7 @@ class VideoInfo:
             "sampled_frames": len(self.kept_timestamps),
             "decode_mode": self.mode,
             "decode_segments": self.segments,
+            "decoder": self.decoder,
         }
 
 

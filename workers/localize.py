@@ -58,6 +58,15 @@ FOUND_MIN = 0.25
 COL_MARGIN, COL_FLOOR, COL_SPAN = 0.2, 0.55, 0.15
 #: geometry confidence from which a frame counts as verified
 VERIFIED = 0.5
+#: gated colour evidence from which a frame's best colour box says where the product is
+#: (for reframing, where geometry did not verify the product)
+COLOUR_BOX_MIN = 0.3
+#: a frame is still when no cell's colour mass changed more than this (summed over both
+#: neighbouring frames; a cell a moving object enters and leaves changes by up to 4)
+MOTION_FLOOR = 0.5
+#: the most a motion centre's change may spread across the picture (weighted standard
+#: deviation of its x, a fraction of the width): wider is motion everywhere, no centre
+MOTION_SPREAD = 0.12
 #: the most a frame's evidence can get from CLIP alone (see the module docstring)
 CLIP_WEIGHT = 0.5
 
@@ -171,6 +180,16 @@ def colour_score(
     wb: np.ndarray,
 ) -> float:
     """The best region match of the product's colour in one frame's cells, in [0, 1]."""
+    return colour_match(cells, product, content_cells, wb)[0]
+
+
+def colour_match(
+    cells: np.ndarray,
+    product: ProductModel,
+    content_cells: tuple[int, int, int, int],
+    wb: np.ndarray,
+) -> tuple[float, tuple[float, float, int, int] | None]:
+    """:func:`colour_score` and where: the best box (x, y, w, h) in cells of the grid."""
     x0c, y0c, x1c, y1c = content_cells
     c = cells[y0c:y1c, x0c:x1c].astype(np.float32)
     gh, gw = c.shape[:2]
@@ -182,6 +201,7 @@ def colour_score(
         return np.asarray(ii[y + hh, x + ww] - ii[y, x + ww] - ii[y + hh, x] + ii[y, x])
 
     best = 0.0
+    where: tuple[int, int, int, int] | None = None  # content-relative cells
     for hc in (3, 4, 5, 7, 9, 12):
         wc = round(hc * product.aspect)
         if hc > gh or wc < 2 or wc > gw:
@@ -196,8 +216,14 @@ def colour_score(
                 sc = sc + 0.125 * _coverage(
                     q, product.quads[a, b], product.qfill[a, b] * hh * ww, wb
                 )
-        best = max(best, float(sc.max()))
-    return best
+        k = int(sc.argmax())
+        if float(sc[k]) > best:
+            best = float(sc[k])
+            where = (int(xs[k]), int(ys[k]), wc, hc)
+    if where is None:
+        return best, None
+    bx, by, bw, bh = where
+    return best, (float(x0c + bx), float(y0c + by), bw, bh)
 
 
 @dataclasses.dataclass
@@ -210,6 +236,9 @@ class Evidence:
     evidence: np.ndarray  # [N] in [0, 1]: gated, best over product images
     boxes: list[np.ndarray | None]  # per frame: the product's outline (buffer px) or None
     content: np.ndarray  # [4] the video's picture in the buffer (x, y, w, h)
+    #: per frame: where the product's colours are (the best colour box, buffer px) when
+    #: the gated colour evidence reaches :data:`COLOUR_BOX_MIN`, else None
+    colour_boxes: list[np.ndarray | None] = dataclasses.field(default_factory=list)
 
     @property
     def verified(self) -> np.ndarray:
@@ -270,6 +299,7 @@ def evidence(results: JobResults) -> Evidence:
     geo = np.zeros((n, r))
     col = np.zeros((n, r))
     quads: list[list[np.ndarray | None]] = [[None] * r for _ in range(n)]
+    cboxes: list[list[tuple[float, float, int, int] | None]] = [[None] * r for _ in range(n)]
     palette = colour[:, cc[1] : cc[3], cc[0] : cc[2]].astype(np.float32).sum((0, 1, 2))
     palette /= max(float(palette.sum()), 1e-6)
     weights = [p.hist / np.maximum(p.hist + palette, 1e-6) for p in products]
@@ -278,10 +308,11 @@ def evidence(results: JobResults) -> Evidence:
         for j, product in enumerate(products):
             mine = rows[rows[:, 4] == j]
             inl[i, j], geo[i, j], quads[i][j] = verify(mine, product, content[i, :4])
-            col[i, j] = colour_score(colour[i], product, cc, weights[j])
+            col[i, j], cboxes[i][j] = colour_match(colour[i], product, cc, weights[j])
     base = np.percentile(col, 25, axis=0) if n else np.zeros(r)
     ccon = np.clip((col - np.maximum(base + COL_MARGIN, COL_FLOOR)) / COL_SPAN, 0, 1)
     ev = np.zeros((n, r))
+    by_colour = np.zeros((n, r))  # the colour part of the evidence, after gating
     for j in range(r):
         verified = geo[:, j] >= VERIFIED
         if verified.sum() >= 2:
@@ -289,16 +320,75 @@ def evidence(results: JobResults) -> Evidence:
             for a, b in _runs(ccon[:, j] > 0.3):
                 if verified[a:b].any():
                     w[a:b] = 0.6
-            ev[:, j] = np.maximum(geo[:, j], w * ccon[:, j])
+            by_colour[:, j] = w * ccon[:, j]
         else:
-            ev[:, j] = np.maximum(geo[:, j], 0.8 * ccon[:, j])
+            by_colour[:, j] = 0.8 * ccon[:, j]
+        ev[:, j] = np.maximum(geo[:, j], by_colour[:, j])
     best = ev.max(axis=1) if r else np.zeros(n)
     clip = clip_confidence(results, r)
     if clip is not None and len(clip) == n:
         best = np.maximum(best, CLIP_WEIGHT * clip)
     arg = ev.argmax(axis=1) if r else np.zeros(n, int)
     boxes = [quads[i][int(arg[i])] for i in range(n)]
-    return Evidence(inl, geo, ccon, best, boxes, frame_content)
+    colour_boxes: list[np.ndarray | None] = []
+    for i in range(n):
+        j = int(by_colour[i].argmax()) if r else 0
+        box = cboxes[i][j] if r and by_colour[i, j] >= COLOUR_BOX_MIN else None
+        if box is None:
+            colour_boxes.append(None)
+            continue
+        x, y, w, h = (v * cell for v in box)
+        colour_boxes.append(np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float32))
+    return Evidence(inl, geo, ccon, best, boxes, frame_content, colour_boxes)
+
+
+def motion_centres(
+    results: JobResults, floor: float = MOTION_FLOOR
+) -> list[tuple[float, float] | None]:
+    """Per sampled frame, where the picture changes most: a motion attention centre.
+
+    From the localizer's colour cells (no extra device work): each cell's change of
+    colour mass against the frames before and after it, over the picture's cells;
+    the centre is the change-weighted mean cell position, as fractions of the picture
+    (x, y). None where the picture barely changes (no cell changes by ``floor``: a
+    still shot has no centre of motion) or changes everywhere (the change
+    spreads wider than :data:`MOTION_SPREAD`: a pan or busy footage). What reframing
+    follows where the product is not seen, before falling back to the centre.
+    """
+    colour = results.concat(LOCALIZER["colour"])
+    content = results.concat(LOCALIZER["content"])
+    if colour is None or content is None or not len(colour):
+        return []
+    n, grid = colour.shape[0], colour.shape[1]
+    side = float(content[0, 4])
+    cell = side / grid
+    x0, y0, w, h = (float(v) for v in content[0, :4])
+    cx0, cy0 = int(x0 // cell), int(y0 // cell)
+    cx1, cy1 = math.ceil((x0 + w) / cell), math.ceil((y0 + h) / cell)
+    c = colour[:, cy0:cy1, cx0:cx1].astype(np.float32)
+    step = np.abs(np.diff(c, axis=0)).sum(-1)  # [n-1, gh, gw]
+    change = np.zeros(c.shape[:3], np.float32)
+    if n > 1:
+        change[1:] += step
+        change[:-1] += step
+    gy, gx = np.meshgrid(
+        (np.arange(cy0, cy1) + 0.5) * cell, (np.arange(cx0, cx1) + 0.5) * cell, indexing="ij"
+    )
+    out: list[tuple[float, float] | None] = []
+    for i in range(n):
+        m = change[i]
+        total = float(m.sum())
+        if total <= 0 or float(m.max()) < floor:
+            out.append(None)
+            continue
+        px = float((m * gx).sum()) / total
+        py = float((m * gy).sum()) / total
+        spread = math.sqrt(float((m * (gx - px) ** 2).sum()) / total) / w
+        if spread > MOTION_SPREAD:  # the whole picture moves (a pan, busy footage): no centre
+            out.append(None)
+            continue
+        out.append((min(max((px - x0) / w, 0.0), 1.0), min(max((py - y0) / h, 0.0), 1.0)))
+    return out
 
 
 def clip_confidence(results: JobResults, products: int) -> np.ndarray | None:
@@ -369,22 +459,29 @@ def summary(ev: Evidence, timestamps: np.ndarray, window: Window) -> dict[str, A
     """``highlight.product``: whether and where the product was found in the clip.
 
     ``box`` is the product's bounding box over the clip's verified frames, as fractions
-    of the picture (x, y, w, h in [0, 1]); ``boxes`` the per-frame boxes (time, box).
+    of the picture (x, y, w, h in [0, 1]); ``boxes`` the per-frame boxes (time, box);
+    ``colour_boxes`` where the product's colours are in the clip's other frames, when
+    its colour evidence counts (coarse: cells of the colour grid; what reframing
+    follows where geometry did not verify the product).
     """
     t = np.asarray(timestamps, float)
     inside = (t >= window.start_s - 1e-9) & (t < window.end_s - 1e-9)
     verified = ev.verified
     x0, y0, w, h = (float(v) for v in ev.content)
-    per_frame: list[dict[str, Any]] = []
-    for i in np.nonzero(inside & verified)[0] if len(verified) else []:
-        quad = ev.boxes[int(i)]
-        if quad is None:
-            continue
+
+    def entry(i: int, quad: np.ndarray) -> dict[str, Any]:
         lo = np.clip((quad.min(axis=0) - [x0, y0]) / [w, h], 0, 1)
         hi = np.clip((quad.max(axis=0) - [x0, y0]) / [w, h], 0, 1)
-        per_frame.append(
-            {"t": round(float(t[i]), 3), "box": [round(float(v), 4) for v in (*lo, *(hi - lo))]}
-        )
+        return {"t": round(float(t[i]), 3), "box": [round(float(v), 4) for v in (*lo, *(hi - lo))]}
+
+    per_frame: list[dict[str, Any]] = []
+    by_colour: list[dict[str, Any]] = []
+    for i in np.nonzero(inside)[0] if len(verified) else []:
+        quad = ev.boxes[int(i)] if verified[i] else None
+        if quad is not None:
+            per_frame.append(entry(int(i), quad))
+        elif int(i) < len(ev.colour_boxes) and ev.colour_boxes[int(i)] is not None:
+            by_colour.append(entry(int(i), ev.colour_boxes[int(i)]))  # type: ignore[arg-type]
     box = None
     if per_frame:
         arr = np.array([f["box"] for f in per_frame])
@@ -401,4 +498,5 @@ def summary(ev: Evidence, timestamps: np.ndarray, window: Window) -> dict[str, A
         "mean_inliers": round(float(best_inliers[inside].mean()), 2) if n_in else 0.0,
         "box": box,
         "boxes": per_frame,
+        "colour_boxes": by_colour,
     }

@@ -48,18 +48,30 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 
 from clipline_core import artifacts, constants
 from clipline_core import metrics as m
 from clipline_core.constants import PriorityClass
 from clipline_core.errors import ClipError, ErrorCode
-from clipline_core.job import ACTIVE, JobSpec, JobState
+from clipline_core.job import ACTIVE, Aspect, JobSpec, JobState
 from clipline_core.settings import Settings
 from clipline_core.store import JobStore, holder_identity, holder_is_dead
 from gpu_service import protocol
 from gpu_service.client import GpuClient
-from workers import callbacks, decode, fetch, localize, preprocess, render, select, upload
+from workers import (
+    callbacks,
+    decode,
+    decoders,
+    fetch,
+    localize,
+    preprocess,
+    reframe,
+    render,
+    select,
+    upload,
+)
 from workers.app import make_app
 
 log = logging.getLogger("clipline.worker")
@@ -230,6 +242,36 @@ def timeout_error(limit_s: float) -> ClipError:
     )
 
 
+def crop_path(
+    aspect: str,
+    info: decode.VideoInfo,
+    choice: select.Selection,
+    first: int,
+    frames: int,
+    results: protocol.JobResults | None = None,
+) -> reframe.CropPath | None:
+    """The crop path of a vertical or square clip (None for the source's aspect).
+
+    It follows the product's boxes in the chosen window (the localizer's
+    ``highlight.product``: verified, else where its colours are); where the product is
+    not seen, the motion in the picture (:func:`workers.localize.motion_centres`, from
+    the localizer's results), and a still centre crop when neither is there.
+    """
+    if aspect == Aspect.SOURCE.value or frames < 1:
+        return None
+    ts = np.asarray(info.kept_timestamps, dtype=np.float64)
+    inside = np.nonzero((ts >= choice.start_s - 1e-9) & (ts < choice.end_s - 1e-9))[0]
+    kept = [float(ts[i]) for i in inside]
+    boxes = reframe.sightings(choice.product, kept)
+    attention = None
+    if results is not None and localize.has_localizer(results):
+        motion = localize.motion_centres(results)
+        if len(motion) == len(ts):
+            attention = [motion[i] for i in inside]
+    times = info.times[first : first + frames]
+    return reframe.plan(kept, boxes, times, (info.width, info.height), aspect, attention=attention)
+
+
 class Cancelled(Exception):
     """The job left the active states under us (cancelled, or taken over)."""
 
@@ -389,7 +431,7 @@ class JobRunner:
 
                 sink.publish_refs(fill_refs)
                 infer_start = time.monotonic()
-                info = decode.sample_video(video_path, self.settings, sink)
+                info = decoders.sample_video(video_path, self.settings, sink)
         except BaseException:
             sink.abort()
             sink.withdraw_all()
@@ -430,6 +472,7 @@ class JobRunner:
             except localize.ProductImagesLost as exc:  # the daemon restarted mid-job
                 raise ClipError(ErrorCode.GPU_UNAVAILABLE, f"{exc}; the job is retried") from exc
             first, n_frames = info.frames_between(choice.start_s, choice.end_s)
+            crop = crop_path(spec.aspect.value, info, choice, first, n_frames, results)
             dest = scratch / "clip.mp4"
             clip = render.render(
                 video_path,
@@ -439,6 +482,7 @@ class JobRunner:
                 info.fps,
                 self.settings.ffmpeg,
                 first_frame=first,
+                crop=crop,
             )
         url, key = self._store_clip(job_id, spec, clip.path, timings)
         last = first + clip.frames
@@ -456,6 +500,10 @@ class JobRunner:
             "frames": clip.frames,
             "caption": results.caption.caption if results.caption else None,
             "product": choice.product,
+            "aspect": spec.aspect.value,
+            "width": clip.width or info.width // 2 * 2,
+            "height": clip.height or info.height // 2 * 2,
+            "reframe": crop.to_dict() if crop is not None else None,
         }
         if not self.store.finish(
             job_id,

@@ -9,6 +9,13 @@ carry it). MPEG-4 part 2 (``mp4v``) is never used: browsers do not play it.
 The clip keeps the source frame rate and holds exactly ``round(length * fps)`` frames,
 counted from the frames that really decode (not from container metadata).
 
+A vertical or square clip (a :class:`workers.reframe.CropPath`) is cut in the same
+pass: with ffmpeg, a ``crop`` filter whose ``x``/``y`` expressions are the path's
+keyframes as a piecewise-linear function of the frame number (a flat sum of clipped
+ramps), then ``scale`` to the path's size; audio as always. With OpenCV, each frame is
+cropped at its own window and resized. A clip of the source's aspect is rendered as it
+always was.
+
 A clip is owner-only (0600, whatever the umask), as is a directory made for it (0700):
 it shows a customer's product and may not be public.
 """
@@ -25,6 +32,7 @@ import cv2
 from clipline_core.errors import ClipError, ErrorCode
 from workers import ffmpeg as ffmpeg_tool
 from workers.decode import open_capture
+from workers.reframe import CropPath
 
 
 @dataclasses.dataclass
@@ -34,6 +42,8 @@ class Rendered:
     fps: float
     codec: str
     audio: bool
+    width: int | None = None  # the clip's picture (px), when known
+    height: int | None = None
 
 
 def render(
@@ -46,22 +56,49 @@ def render(
     timeout_s: float = 300.0,
     *,
     first_frame: int | None = None,
+    crop: CropPath | None = None,
 ) -> Rendered:
     """Write ``frames`` frames from ``start_s`` of ``src`` to ``dest`` (an .mp4).
 
     ``ffmpeg`` is the ``ffmpeg`` setting: ``auto``, ``bundled``, ``system``, a path or
     name, or empty for the OpenCV fallback (see :mod:`workers.ffmpeg`).
     ``first_frame`` is the index of the decoded frame at ``start_s`` (the OpenCV path
-    counts decoded frames; without it, ``round(start_s * fps)``).
+    counts decoded frames; without it, ``round(start_s * fps)``). ``crop``: the crop
+    path of a vertical or square clip (one window per output frame; the last one holds
+    if the path is shorter).
     """
     if frames < 1:
         raise ClipError(ErrorCode.RENDER_FAILED, "nothing to render: the window holds no frame")
+    if crop is not None and len(crop) == 0:
+        raise ClipError(ErrorCode.RENDER_FAILED, "the crop path holds no frame")
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tool = ffmpeg_tool.find(ffmpeg)
     if tool is not None:
-        return _render_ffmpeg(tool, src, dest, start_s, frames, fps, timeout_s)
+        return _render_ffmpeg(tool, src, dest, start_s, frames, fps, timeout_s, crop)
     first = round(start_s * fps) if first_frame is None else first_frame
-    return _render_opencv(src, dest, first, frames, fps)
+    return _render_opencv(src, dest, first, frames, fps, crop)
+
+
+def _ramps(keys: list[int], values: list[float]) -> str:
+    """An ffmpeg expression of the frame number ``n``: linear between ``(key, value)``
+    points, held after the last (a sum of clipped ramps, no nesting)."""
+    terms = [f"{values[0] + 1e-3:.4f}"]  # a hair above: crop truncates, the path floors
+    for a, b, va, vb in zip(keys, keys[1:], values, values[1:], strict=False):
+        slope = (vb - va) / (b - a)
+        if abs(slope) < 1e-7:
+            continue
+        terms.append(f"{'-' if slope < 0 else '+'}{abs(slope):.6f}*clip(n-{a},0,{b - a})")
+    return "".join(terms)
+
+
+def crop_filter(path: CropPath) -> str:
+    """The ffmpeg filters that cut ``path`` out of each frame and scale it to its size."""
+    keys = path.keyframes()
+    cw, ch = path.crop
+    ow, oh = path.size
+    x = _ramps(keys, [float(path.x[k]) for k in keys])
+    y = _ramps(keys, [float(path.y[k]) for k in keys])
+    return f"crop=w={cw}:h={ch}:x='{x}':y='{y}':exact=1,scale={ow}:{oh}:flags=bicubic,setsar=1"
 
 
 def _render_ffmpeg(
@@ -72,8 +109,10 @@ def _render_ffmpeg(
     frames: int,
     fps: float,
     timeout_s: float,
+    crop: CropPath | None = None,
 ) -> Rendered:
     audio = ffmpeg_tool.has_audio(tool.path, src)
+    video_filter = "scale=trunc(iw/2)*2:trunc(ih/2)*2" if crop is None else crop_filter(crop)
     tmp = dest.with_name(dest.name + ".part.mp4")
     cmd = [
         tool.path,
@@ -90,7 +129,7 @@ def _render_ffmpeg(
         "-frames:v",
         str(frames),
         "-vf",
-        "scale=trunc(iw/2)*2:trunc(ih/2)*2",
+        video_filter,
         "-c:v",
         "libx264",
         "-preset",
@@ -120,14 +159,18 @@ def _render_ffmpeg(
         )
     os.chmod(tmp, 0o600)
     tmp.replace(dest)
-    return Rendered(dest, frames, fps, "h264", audio)
+    size = crop.size if crop is not None else (None, None)
+    return Rendered(dest, frames, fps, "h264", audio, *size)
 
 
-def _render_opencv(src: Path, dest: Path, first: int, frames: int, fps: float) -> Rendered:
+def _render_opencv(
+    src: Path, dest: Path, first: int, frames: int, fps: float, crop: CropPath | None = None
+) -> Rendered:
     cap = open_capture(src)
+    windows = crop.windows() if crop is not None else None
     tmp = dest.with_name(dest.name + ".part.mp4")
     writer: cv2.VideoWriter | None = None
-    written = 0
+    written = w = h = 0
     try:
         for _ in range(first):  # accurate: count decoded frames instead of seeking
             if not cap.grab():
@@ -136,6 +179,12 @@ def _render_opencv(src: Path, dest: Path, first: int, frames: int, fps: float) -
             ok, frame = cap.read()
             if not ok:
                 break
+            if crop is not None and windows is not None:
+                x, y = (int(v) for v in windows[min(written, len(windows) - 1)])
+                cw, ch = crop.crop
+                frame = cv2.resize(
+                    frame[y : y + ch, x : x + cw], crop.size, interpolation=cv2.INTER_AREA
+                )
             if writer is None:
                 h, w = frame.shape[:2]
                 writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"vp09"), fps, (w, h))
@@ -152,4 +201,4 @@ def _render_opencv(src: Path, dest: Path, first: int, frames: int, fps: float) -
         raise ClipError(ErrorCode.RENDER_FAILED, "no frame could be read for the clip")
     os.chmod(tmp, 0o600)
     tmp.replace(dest)
-    return Rendered(dest, written, fps, "vp9", False)
+    return Rendered(dest, written, fps, "vp9", False, w, h)

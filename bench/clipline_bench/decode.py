@@ -1,4 +1,4 @@
-"""Benchmark: decoding and sampling a video, five ways, side by side.
+"""Benchmark: decoding and sampling a video, five ways and per decode backend, side by side.
 
 ``clipline bench decode`` reads each video with the same sampling (every ``--every``-th
 frame kept, resized to the daemon's input as RGB uint8) in these ways and reports
@@ -18,9 +18,17 @@ decoded frames per second (frames in the video / wall time):
     column says which happened).
 ``seek_per_kept``
     seek (``CAP_PROP_POS_FRAMES``) to every kept frame and read it.
+``pyav``, ``nvdec``
+    :func:`workers.decoders.sample_video` with that decode backend (PyAV on the CPU;
+    NVDEC on the GPU, run when CUDA and PyNvVideoCodec are available, after one
+    untimed warm-up read that creates the CUDA context): what a worker with
+    ``decode_backend`` set to it runs. The ``mode`` column says which backend decoded
+    (and why it fell back to OpenCV, if it did).
 
 Every variant's kept frames are compared byte for byte with ``sparse``'s (column
-``same``). Variants run round-robin, ``--repeats`` times; the table shows the median
+``same``; the backends' also by mean absolute difference, ``mad``), and every variant's
+speed is given as a ratio against ``sparse`` (OpenCV, one reader) of the same run
+(``vs_sparse``). Variants run round-robin, ``--repeats`` times; the table shows the median
 (and the best) wall time of each. Videos: the real samples (``Megamind.avi``,
 ``tree.avi`` from ``--media``, default ``../shared/media``) and videos generated here
 (H.264 MP4 with ffmpeg when it is installed, MJPEG AVI with OpenCV).
@@ -29,7 +37,8 @@ Output: a table (stdout, or stderr with ``--json``) and JSON (``--json`` prints 
 stdout; it is always written to ``--out``)::
 
     {"params": {...}, "machine": {...}, "videos": [{"name", "frames", "results":
-     {variant: {"fps", "median_s", "best_s", "speedup", "same", "mode"}}}], "target": {...}}
+     {variant: {"fps", "median_s", "best_s", "speedup", "vs_sparse", "same", "mad",
+     "mode"}}}], "target": {...}}
 
 ``--quick`` (CI) uses short generated videos and two repeats; its figures are not
 meaningful.
@@ -59,11 +68,13 @@ import numpy as np
 
 from clipline import samples
 from clipline_core.settings import Settings
-from workers import decode
+from workers import decode, decoders
 from workers.preprocess import MemorySink, into
 
 DEFAULT_OUT = Path("bench") / "results" / "decode.json"
 VARIANTS = ("read_all", "sparse", "segments", "sparse_segments", "seek_per_kept")
+#: Decode backends measured besides OpenCV (``sparse`` is OpenCV's sequential reader).
+BACKEND_VARIANTS = tuple(b for b in decoders.BACKENDS if b != decoders.OPENCV)
 TARGET_SPEEDUP = 3.0  # sparse + parallel vs read-all at 1-in-8 (2 cores)
 FRAMES_PER_CHUNK = 16
 
@@ -88,8 +99,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-generated", action="store_true", help="only real (and --video) videos"
     )
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated variants to run"
+        "--variants",
+        default=",".join(default_variants()),
+        help="comma-separated variants to run (default: all that can run here)",
     )
+
+
+def default_variants() -> list[str]:
+    """The OpenCV variants, and every other decode backend that can run here."""
+    return [*VARIANTS, *(b for b in BACKEND_VARIANTS if decoders.unavailable(b) is None)]
 
 
 @dataclasses.dataclass
@@ -108,6 +126,7 @@ class Outcome:
     seconds: float
     digests: list[bytes]
     mode: str = ""
+    frames: np.ndarray | None = None  # kept frames (sparse and the backends: for ``mad``)
 
 
 def _digest(a: np.ndarray) -> bytes:
@@ -188,7 +207,24 @@ def _sampled(segments: int) -> Callable[[Path, float, int, int, int | None], Out
         elapsed = time.perf_counter() - t
         frames = sink.frames_array()
         mode = info.mode if info.fallback is None else f"{info.mode} ({info.fallback[:40]})"
-        return Outcome(elapsed, [_digest(f) for f in frames], mode)
+        return Outcome(elapsed, [_digest(f) for f in frames], mode, frames if segments else None)
+
+    return variant
+
+
+def _backend(name: str) -> Callable[[Path, float, int, int, int | None], Outcome]:
+    def variant(path: Path, step: float, size: int, k: int, threads: int | None) -> Outcome:
+        cap = _open(path, threads)
+        fps = float(cap.get(cv2.CAP_PROP_FPS)) or decode.FALLBACK_FPS
+        cap.release()
+        settings = Settings(sample_fps=fps / step, decode_threads=threads or 0)
+        sink = MemorySink(FRAMES_PER_CHUNK, size, size)
+        t = time.perf_counter()
+        info = decoders.sample_video(path, settings, sink, backend=name)
+        elapsed = time.perf_counter() - t
+        frames = sink.frames_array()
+        mode = info.decoder if info.fallback is None else f"{info.decoder} ({info.fallback[:40]})"
+        return Outcome(elapsed, [_digest(f) for f in frames], mode, frames)
 
     return variant
 
@@ -218,6 +254,7 @@ RUNNERS: dict[str, Callable[[Path, float, int, int, int | None], Outcome]] = {
     "segments": v_segments,
     "sparse_segments": _sampled(0),
     "seek_per_kept": v_seek_per_kept,
+    **{name: _backend(name) for name in BACKEND_VARIANTS},
 }
 
 
@@ -266,6 +303,8 @@ def bench_video(
     threads = args.threads or None
     times: dict[str, list[float]] = {name: [] for name in variants}
     last: dict[str, Outcome] = {}
+    if "nvdec" in variants:  # the first read creates the CUDA context: not timed
+        RUNNERS["nvdec"](v.path, step, args.size, args.segments, threads)
     for _ in range(repeats):
         for name in variants:
             o = RUNNERS[name](v.path, step, args.size, args.segments, threads)
@@ -274,10 +313,22 @@ def bench_video(
     ref = last["sparse"].digests if "sparse" in last else None
     base = statistics.median(times["read_all"]) if "read_all" in times else None
     base_best = min(times["read_all"]) if "read_all" in times else None
+    sparse = statistics.median(times["sparse"]) if "sparse" in times else None
+    ref_frames = last["sparse"].frames if "sparse" in last else None
     results: dict[str, Any] = {}
     for name in variants:
         med = statistics.median(times[name])
         best = min(times[name])
+        frames = last[name].frames
+        mad = None
+        if (
+            name in BACKEND_VARIANTS
+            and frames is not None
+            and ref_frames is not None
+            and frames.shape == ref_frames.shape
+        ):
+            diff = np.abs(frames.astype(np.int16) - ref_frames.astype(np.int16))
+            mad = round(float(diff.mean()), 4)
         results[name] = {
             "fps": round(v.frames / med, 1) if med > 0 else None,
             "best_fps": round(v.frames / best, 1) if best > 0 else None,
@@ -285,7 +336,9 @@ def bench_video(
             "best_s": round(best, 5),
             "speedup": round(base / med, 2) if base and med > 0 else None,
             "speedup_best": round(base_best / best, 2) if base_best and best > 0 else None,
+            "vs_sparse": round(sparse / med, 2) if sparse and med > 0 else None,
             "same": None if ref is None else last[name].digests == ref,
+            "mad": mad,
             "kept": len(last[name].digests),
             "mode": last[name].mode or None,
         }
@@ -324,6 +377,16 @@ def _table(report: dict[str, Any]) -> str:
         mode = v["results"].get("sparse_segments", {}).get("mode")
         if mode:
             lines.append(f"  {v['name']}: sparse_segments read {mode}")
+    backends = [n for n in p["variants"] if n in BACKEND_VARIANTS]
+    if backends:
+        lines.append("decode backends against OpenCV sparse (one reader), same run:")
+        for v in report["videos"]:
+            cells = []
+            for n in backends:
+                r = v["results"][n]
+                mad = "" if r["mad"] is None else f", mad {r['mad']:.2f}"
+                cells.append(f"{n} {r['vs_sparse']:.2f}x ({r['fps']:.0f} fps{mad}; {r['mode']})")
+            lines.append(f"  {v['name']}: " + "; ".join(cells))
     t = report.get("target")
     if t:
         lines.append(

@@ -18,6 +18,15 @@ least min(2.5 s, 80 % of it)); for a product that never appears, a hit is
 ``found: false``. The table shows each case, its true and chosen windows, hits and
 CPU seconds per job for both scorers (decode excluded: it is the same for both);
 the JSON (``--out``, default ``bench/results/quality.json``) has every figure.
+
+**Vertical clips** (``9:16``): for the localizer's chosen window, the crop path the
+workers would render (:func:`workers.pipeline.crop_path`: the window's product boxes, else
+the motion in the picture, else the centre) and a plain centre crop, both checked
+frame by frame against the case's true product box (:attr:`Case.boxes
+<clipline_bench.quality_cases.Case.boxes>`, from the recipe): the share of the clip's
+frames showing the product in which it is whole inside the window, counted over the
+frames where its box fits in a 9:16 window at all (``fit``; a product wider than the
+window cannot be whole in it). Computed from the paths; nothing is rendered.
 """
 
 from __future__ import annotations
@@ -37,12 +46,15 @@ import torch
 
 from clipline_bench import quality_cases
 from clipline_core.settings import Settings
-from gpu_service import inprocess
+from gpu_service import inprocess, protocol
 from gpu_service.models import BuildContext, build
 from gpu_service.models.base import Model
-from workers import decode, preprocess, select
+from workers import decode, pipeline, preprocess, reframe, select
 
 TARGET_HIT_RATE = 0.9
+#: the share of frames, where it fits, in which a 9:16 clip holds the whole product
+TARGET_INSIDE_SHARE = 0.95
+VERTICAL = "9:16"
 OLD_SIZE = 128
 
 
@@ -114,6 +126,7 @@ def run_case(
         "hit": quality_cases.hit(case.windows, new.start_s, new.end_s, found=found),
         "cpu_s": round(new_cpu, 3),
     }
+    row["vertical"] = vertical(case, info, new, res)
     t0 = time.process_time()
     small = _stretched(frames)
     small_refs = _stretched(refs)
@@ -131,6 +144,53 @@ def run_case(
     return row
 
 
+def vertical(
+    case: quality_cases.Case,
+    info: decode.VideoInfo,
+    chosen: select.Selection,
+    results: protocol.JobResults | None = None,
+) -> dict[str, Any]:
+    """How often a 9:16 clip of the chosen window holds the whole product: the
+    reframer's crop path (planned as the workers plan it) against a centre crop."""
+    first, n = info.frames_between(chosen.start_s, chosen.end_s)
+    times = info.times[first : first + n]
+    source = (info.width, info.height)
+    planned = pipeline.crop_path(VERTICAL, info, chosen, first, n, results)
+    assert planned is not None
+    paths = {"reframe": planned, "centre": reframe.centre_path(times, source, VERTICAL)}
+    truth = {round(t * quality_cases.FPS): b for t, *b in case.boxes}
+    cw, ch = paths["centre"].crop
+    w, h = source
+    frames = fit = 0
+    inside = dict.fromkeys(paths, 0)
+    windows = {name: p.windows() for name, p in paths.items()}
+    for k, t in enumerate(times):
+        box = truth.get(round(float(t) * quality_cases.FPS))
+        if box is None:
+            continue
+        frames += 1
+        x0, y0 = box[0] * w, box[1] * h
+        x1, y1 = x0 + box[2] * w, y0 + box[3] * h
+        if x1 - x0 > cw or y1 - y0 > ch:
+            continue
+        fit += 1
+        for name, win in windows.items():
+            wx, wy = (float(v) for v in win[k])
+            if x0 >= wx and y0 >= wy and x1 <= wx + cw and y1 <= wy + ch:
+                inside[name] += 1
+    return {
+        "crop": [cw, ch],
+        "size": list(paths["reframe"].size),
+        "follow": paths["reframe"].follow,
+        "frames": frames,
+        "fit": fit,
+        "reframe_inside": inside["reframe"],
+        "centre_inside": inside["centre"],
+        "reframe_share": round(inside["reframe"] / fit, 4) if fit else None,
+        "centre_share": round(inside["centre"] / fit, 4) if fit else None,
+    }
+
+
 def _fmt_windows(ws: list[list[float]]) -> str:
     return ",".join(f"{a:g}-{b:g}" for a, b in ws) or "absent"
 
@@ -138,7 +198,8 @@ def _fmt_windows(ws: list[list[float]]) -> str:
 def _table(report: dict[str, Any]) -> str:
     lines = [
         f"{'case':34s} {'true':>12s} | {'localizer':>11s} {'hit':>4s} {'cpu s':>6s} "
-        f"| {'whole-frame':>11s} {'hit':>4s} {'cpu s':>6s}"
+        f"| {'whole-frame':>11s} {'hit':>4s} {'cpu s':>6s} "
+        f"| {'9:16 fit':>8s} {'reframe':>7s} {'centre':>6s}"
     ]
     for r in report["cases"]:
         n, o = r["localizer"], r["whole_frame"]
@@ -147,7 +208,7 @@ def _table(report: dict[str, Any]) -> str:
             f"{r['case'][:34]:34s} {_fmt_windows(r['windows']):>12s} | {new:>11s} "
             f"{'HIT' if n['hit'] else 'miss':>4s} {n['cpu_s']:6.2f} | "
             f"{o['start_s']:5.2f}-{o['end_s']:5.2f} {'HIT' if o['hit'] else 'miss':>4s} "
-            f"{o['cpu_s']:6.2f}"
+            f"{o['cpu_s']:6.2f} | {_fmt_vertical(r['vertical'])}"
         )
     s = report["summary"]
     lines.append(
@@ -160,9 +221,61 @@ def _table(report: dict[str, Any]) -> str:
         f"{s['localizer_cpu_s_per_job']:.2f}, whole-frame {s['whole_frame_cpu_s_per_job']:.2f} "
         f"({s['cpu_ratio']:.1f}x)"
     )
+    v = s["vertical"]
+    if v["fit"]:
+        lines.append(
+            f"9:16 clips, product whole in the window (of {v['fit']} frames where it fits, "
+            f"{v['frames']} showing it): reframer {v['reframe_share']:.1%}, centre crop "
+            f"{v['centre_share']:.1%}; target >= {TARGET_INSIDE_SHARE:.0%}: "
+            f"{'met' if v['target_met'] else 'NOT met'}"
+        )
+        for follow, f in sorted(v["by_follow"].items()):
+            if f["fit"]:
+                lines.append(
+                    f"  following {follow} ({f['cases']} cases): reframer "
+                    f"{f['reframe_inside'] / f['fit']:.1%} of {f['fit']} frames"
+                )
     for name, why in report["skipped"]:
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)
+
+
+def _fmt_vertical(v: dict[str, Any]) -> str:
+    if not v["frames"]:
+        return f"{'-':>8s} {'-':>7s} {'-':>6s}"
+    fit = f"{v['fit']}/{v['frames']}"
+    if not v["fit"]:
+        return f"{fit:>8s} {'-':>7s} {'-':>6s}"
+    return f"{fit:>8s} {v['reframe_share']:7.1%} {v['centre_share']:6.1%}"
+
+
+def _vertical_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    frames = sum(r["vertical"]["frames"] for r in rows)
+    fit = sum(r["vertical"]["fit"] for r in rows)
+    new = sum(r["vertical"]["reframe_inside"] for r in rows)
+    old = sum(r["vertical"]["centre_inside"] for r in rows)
+    share = round(new / fit, 4) if fit else None
+    by_follow: dict[str, dict[str, int]] = {}
+    for r in rows:
+        v = r["vertical"]
+        f = by_follow.setdefault(v["follow"], {"cases": 0, "fit": 0, "reframe_inside": 0})
+        f["cases"] += 1
+        f["fit"] += v["fit"]
+        f["reframe_inside"] += v["reframe_inside"]
+    return {
+        "aspect": VERTICAL,
+        "frames": frames,
+        "fit": fit,
+        "reframe_inside": new,
+        "centre_inside": old,
+        "reframe_share": share,
+        "centre_share": round(old / fit, 4) if fit else None,
+        "target_share": TARGET_INSIDE_SHARE,
+        "target_met": share is not None and share >= TARGET_INSIDE_SHARE,
+        # what the reframer's path followed: the product's verified boxes, or nothing
+        # (never verified in the window: a centre crop)
+        "by_follow": by_follow,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
             "localizer_cpu_s_per_job": round(new_cpu, 3),
             "whole_frame_cpu_s_per_job": round(old_cpu, 3),
             "cpu_ratio": round(new_cpu / max(old_cpu, 1e-9), 2),
+            "vertical": _vertical_summary(rows),
         },
     }
     text = _table(report)

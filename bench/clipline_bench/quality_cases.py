@@ -78,6 +78,9 @@ class Case:
     kind: str  # short description of what makes it hard
     heldout: bool
     duration_s: float  # length of the video (frames / FPS)
+    #: where the product is: ``(t, x, y, w, h)`` per frame it shows in (the box of its
+    #: visible pixels as fractions of the picture; computed from the recipe, not cached)
+    boxes: tuple[tuple[float, float, float, float, float], ...] = ()
 
 
 # --------------------------------------------------------------------------- recipes
@@ -680,16 +683,15 @@ class _Compositor:
         self.src = src
         self.loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def draw(self, frame: np.ndarray, s: _Show, t: float) -> np.ndarray:
-        if s.image not in self.loaded:
-            im = self.src.image(s.image)
-            self.loaded[s.image] = (im, _object_mask(s.image, im))
-        im, om = self.loaded[s.image]
-        if s.relight is not None:
-            im = _relight(im, s.relight[:3], s.relight[3])
-        fh, fw = frame.shape[:2]
-        if s.full_frame:
-            return _fit(im, fw, fh)
+    def _load(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self.loaded:
+            im = self.src.image(name)
+            self.loaded[name] = (im, _object_mask(name, im))
+        return self.loaded[name]
+
+    def _placement(self, s: _Show, t: float, fw: int, fh: int) -> tuple[np.ndarray, np.ndarray]:
+        """The show's homography into a ``fw`` x ``fh`` frame and its visible alpha there."""
+        im, om = self._load(s.image)
         ih, iw = im.shape[:2]
         u = 0.0 if s.t1 <= s.t0 else min(max((t - s.t0) / (s.t1 - s.t0), 0.0), 1.0)
         (ax, ay), (bx, by) = s.path
@@ -708,16 +710,55 @@ class _Compositor:
             [c * dst[:, 0] - si * dst[:, 1] + cx, si * dst[:, 0] + c * dst[:, 1] + cy], 1
         ).astype(np.float32)
         hm = cv2.getPerspectiveTransform(src, dst)
-        warped = cv2.warpPerspective(im, hm, (fw, fh), flags=cv2.INTER_AREA)
         alpha_src = np.ones((ih, iw), np.float32) if s.keep_backdrop else om.astype(np.float32)
         alpha = cv2.warpPerspective(alpha_src, hm, (fw, fh), flags=cv2.INTER_LINEAR)
         if s.occlude > 0:  # the background shows through over the product's right part
             x, y, bw, bh = cv2.boundingRect((alpha > 0.5).astype(np.uint8))
             ow = int(bw * s.occlude)
             alpha[y : y + bh, x + bw - ow : x + bw] = 0
+        return hm, alpha
+
+    def draw(self, frame: np.ndarray, s: _Show, t: float) -> np.ndarray:
+        im, _ = self._load(s.image)
+        if s.relight is not None:
+            im = _relight(im, s.relight[:3], s.relight[3])
+        fh, fw = frame.shape[:2]
+        if s.full_frame:
+            return _fit(im, fw, fh)
+        hm, alpha = self._placement(s, t, fw, fh)
+        warped = cv2.warpPerspective(im, hm, (fw, fh), flags=cv2.INTER_AREA)
         a = alpha[..., None]
         out = frame.astype(np.float32) * (1 - a) + warped.astype(np.float32) * a
         return np.clip(out, 0, 255).astype(np.uint8)
+
+    def box(self, s: _Show, t: float, fw: int, fh: int) -> tuple[int, int, int, int] | None:
+        """The visible product's bounding box in the frame (px), None where none shows."""
+        _, alpha = self._placement(s, t, fw, fh)
+        mask = (alpha > 0.5).astype(np.uint8)
+        if not mask.any():
+            return None
+        x, y, w, h = cv2.boundingRect(mask)
+        return int(x), int(y), int(w), int(h)
+
+
+def _true_boxes(spec: _Spec, src: _Sources) -> tuple[tuple[float, float, float, float, float], ...]:
+    """Per frame where one of the case's products shows: ``(t, x, y, w, h)``, the box as
+    fractions of the picture (what :attr:`Case.boxes` holds)."""
+    w, h = spec.size
+    comp = _Compositor(src)
+    out: list[tuple[float, float, float, float, float]] = []
+    shows = [s for s in spec.shows if s.image in spec.images and not s.full_frame]
+    for i in range(round(spec.duration_s * FPS)):
+        t = i / FPS
+        found = [b for s in shows if s.t0 <= t < s.t1 for b in [comp.box(s, t, w, h)] if b]
+        if not found:
+            continue
+        x0 = min(b[0] for b in found)
+        y0 = min(b[1] for b in found)
+        x1 = max(b[0] + b[2] for b in found)
+        y1 = max(b[1] + b[3] for b in found)
+        out.append((round(t, 6), x0 / w, y0 / h, (x1 - x0) / w, (y1 - y0) / h))
+    return tuple(out)
 
 
 def _render(spec: _Spec, src: _Sources, video: Path, ffmpeg: str | None) -> None:
@@ -842,6 +883,7 @@ def _build_one(spec: _Spec, src: _Sources, out: Path, ffmpeg: str | None) -> Cas
         kind=spec.kind,
         heldout=spec.heldout,
         duration_s=n_frames / FPS,
+        boxes=_true_boxes(spec, src),
     )
     if _cached(record, recipe, video, images):
         return case

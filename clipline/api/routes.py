@@ -357,6 +357,7 @@ def build_router(svc: Services) -> APIRouter:
                             "title": "Blue kettle",
                             "description": "1.7 l, steel",
                             "duration_s": 5.0,
+                            "aspect": "9:16",
                             "priority": "high",
                             "callback_url": "https://shop.example.com/hooks/clipline",
                             "upload_url": "https://bucket.example.com/clips/123.mp4?X-Amz-Signature=abc",

@@ -292,6 +292,8 @@ def _env(pipeline: Pipeline, component: str, gpu: int) -> list[JSON]:
         "worker_concurrency": str(spec["workers"]["concurrency"]),
         "state_dir": f"{TMP_MOUNT}/clipline",
     }
+    if component == COMPONENT_WORKERS:
+        values["decode_backend"] = spec["workers"]["decodeBackend"]
     if models.get("weightsDir"):
         values["weights_dir"] = models["weightsDir"]
     if models.get("weights") and component == COMPONENT_DAEMON:

@@ -627,6 +627,17 @@ def spec_schema() -> JSON:
                 "x-kubernetes-validations": _POD_RULES,
                 "properties": {
                     "concurrency": _int(1, 64, 2, "Celery prefork children per worker pod."),
+                    "decodeBackend": {
+                        "type": "string",
+                        "enum": list(constants.DECODE_BACKEND_CHOICES),
+                        "default": "opencv",
+                        "description": (
+                            "Video decoder of the workers: opencv (the reference), pyav, "
+                            "nvdec (the node's GPU; the worker pods must see it) or auto "
+                            "(nvdec where it can run, else opencv). A worker whose decoder "
+                            "cannot run on its node does not start (decoder_unavailable)."
+                        ),
+                    },
                     "resources": _resources({"cpu": "1", "memory": "1Gi"}, {"memory": "2Gi"}),
                     "podDisruptionBudget": {
                         "type": "object",

@@ -3,7 +3,8 @@
 * a job stored without a tenant (``clipline highlight`` into a running stack) is the
   local stack's key's alone: every other key gets 404 on every job route;
 * bad request bodies are 422 ``invalid_request`` (strict numbers, finite only, no
-  control characters in sources), and the published schema says what is enforced;
+  control characters in sources, an aspect of the closed set), and the published
+  schema says what is enforced; ``aspect`` round-trips (API, client and CLI);
 * ``OPTIONS`` and 405 answers name every method of the path;
 * slow clients (no bytes, dripped headers, a body that never ends, an idle keep-alive)
   are answered 408 or disconnected within the configured timeouts, by the server as
@@ -163,6 +164,10 @@ def test_the_local_stack_key_is_the_local_tenant(settings: Settings) -> None:
         ({"video_url": "https://cdn.example.com/a\r\nX-Injected: 1"}, "video_url"),
         ({"callback_url": "https://hooks.example.com/\x00"}, "callback_url"),
         ({"upload_url": "https://bucket.example.com/\t"}, "upload_url"),
+        ({"aspect": "16:9"}, "aspect"),
+        ({"aspect": "9x16"}, "aspect"),
+        ({"aspect": None}, "aspect"),
+        ({"aspect": 1}, "aspect"),
     ],
 )
 def test_bad_fields_are_422_invalid_request(
@@ -189,6 +194,29 @@ def test_integral_durations_are_numbers(live_api: Api) -> None:
     assert r.status_code == 202, r.text
     got = httpx.get(live_api.url + r.headers["Location"], headers=auth(live_api.keys.full))
     assert got.json()["duration_s"] == 7.0
+
+
+def test_aspect_round_trips_and_a_bad_one_is_422_naming_the_choices(live_api: Api) -> None:
+    with live_api.client() as client:
+        for aspect in ("9:16", "1:1", "4:5", "source"):
+            accepted = client.submit(VIDEO, [IMAGE], aspect=aspect)
+            assert client.get(accepted.id).aspect.value == aspect
+    r = post_raw(live_api, json.dumps(body()).encode())
+    got = httpx.get(live_api.url + r.headers["Location"], headers=auth(live_api.keys.full))
+    assert got.json()["aspect"] == "source"  # the default: the source's own picture
+    bad = post_raw(live_api, json.dumps(body(aspect="16:9")).encode())
+    assert bad.status_code == 422, bad.text
+    err = bad.json()["error"]
+    assert err["code"] == "invalid_request" and err["details"][0]["loc"] == ["body", "aspect"]
+    assert all(f"'{a}'" in err["message"] for a in ("9:16", "1:1", "4:5", "source")), err
+    # The default aspect keeps a spec's idempotency fingerprint; another changes it.
+    plain = JobSpec(video_url=VIDEO, image_urls=[IMAGE])
+    assert JobSpec(video_url=VIDEO, image_urls=[IMAGE], aspect="source").canonical_json() == (
+        plain.canonical_json()
+    )
+    assert JobSpec(video_url=VIDEO, image_urls=[IMAGE], aspect="9:16").canonical_json() != (
+        plain.canonical_json()
+    )
 
 
 @pytest.mark.parametrize("where", ["video_url", "image_urls"])
@@ -262,6 +290,13 @@ AGREEMENT = [
     body(metadata={"v": "x" * 510}),
     body(metadata={"v": "x" * 511}),
     body(metadata=["a"]),
+    body(aspect="9:16"),
+    body(aspect="1:1"),
+    body(aspect="4:5"),
+    body(aspect="source"),
+    body(aspect="16:9"),
+    body(aspect="SOURCE"),
+    body(aspect=None),
 ]
 
 
@@ -574,6 +609,32 @@ def test_cli_submit_refuses_invalid_specs_before_calling_the_api(
     assert code == cli.EXIT_USAGE, err
     assert err.startswith("error: invalid_request: ") and says in err and err[-1] == "\n"
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["submit", "highlight"])
+def test_cli_refuses_a_bad_aspect_with_exit_2_and_the_choices(
+    command: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLIPLINE_API_URL", "http://127.0.0.1:9")  # never reached
+    monkeypatch.setenv("CLIPLINE_API_KEY", "unused")
+    code = cli.main([command, VIDEO, "--image", IMAGE, "--aspect", "16:9"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE, err
+    assert "invalid_request" in err and "aspect" in err and "'9:16'" in err, err
+    assert "Traceback" not in err
+    code = cli.main(["highlight", VIDEO, "--image", IMAGE, "--aspect", "2:3", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == cli.EXIT_USAGE and out["error"]["code"] == "invalid_request", out
+    assert "aspect" in out["error"]["message"]
+
+
+def test_cli_submit_sends_the_aspect(live_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPLINE_API_URL", live_api.url)
+    monkeypatch.setenv("CLIPLINE_API_KEY", live_api.keys.full)
+    assert cli.main(["submit", VIDEO, "--image", IMAGE, "--aspect", "1:1", "--json"]) == 0
+    with live_api.client() as client:
+        jobs, _ = client.list_jobs(limit=5)
+    assert [j.aspect.value for j in jobs] == ["1:1"]
 
 
 def test_cli_submit_inf_in_a_real_process_prints_no_traceback() -> None:

@@ -115,6 +115,26 @@ def test_cut_out_product_is_on_screen_exactly_in_its_window(built) -> None:
     assert max(outside) < 0.03
 
 
+def test_true_boxes_hold_the_product_in_its_window_only(built) -> None:
+    """Case.boxes (from the recipe) cover the frames of the window, and the apple's warm
+    pixels lie inside the box of each frame (the box is tight: the apple fills it)."""
+    case = _case(built, "c15_apple_lowtex")
+    frames, _ = _frames(case.video)
+    ((a, b),) = case.windows
+    by_frame = {round(t * qc.FPS): box for t, *box in case.boxes}
+    assert set(by_frame) == {i for i in range(len(frames)) if a <= i / qc.FPS < b}
+    h, w = frames[0].shape[:2]
+    for i, (x, y, bw, bh) in by_frame.items():
+        hsv = cv2.cvtColor(frames[i], cv2.COLOR_BGR2HSV)
+        hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+        warm = ((hue < 25) | (hue > 165)) & (sat > 90) & (val > 50)
+        x0, y0 = round(x * w), round(y * h)
+        x1, y1 = round((x + bw) * w), round((y + bh) * h)
+        inside = warm[y0:y1, x0:x1]
+        assert inside.sum() >= 0.97 * warm.sum(), i
+        assert inside.mean() > 0.4, i
+
+
 def test_lookalike_is_a_full_frame_still_outside_the_true_window(built) -> None:
     case = _case(built, "c06_lookalike_fullframe")
     frames, _ = _frames(case.video)

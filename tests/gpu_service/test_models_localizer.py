@@ -253,3 +253,29 @@ def test_the_eager_backend_builds_the_reference_path_and_the_others_the_fused_on
     for backend, fused in (("eager", False), ("channels_last", True), ("auto", True)):
         m = build("localizer", BuildContext(Settings(backend=backend), CPU))
         assert isinstance(m, loc.LocalizerModel) and m.fused is fused, backend
+
+
+def test_motion_centres_follow_a_moving_patch_and_not_a_still_or_busy_picture(
+    model: loc.LocalizerModel,
+) -> None:
+    """Reframing's fallback where the product is not seen: the centre of the motion."""
+    rng = np.random.default_rng(3)
+    still = np.full((360, 640, 3), 90, np.uint8)
+    still[:, :, 1] = np.linspace(40, 200, 640, dtype=np.uint8)[None, :]  # a gradient wall
+    patch = rng.integers(0, 256, (60, 60, 3), dtype=np.uint8)
+    moving = []
+    for i in range(8):
+        f = still.copy()
+        x = 80 + 50 * i
+        f[150:210, x : x + 60] = patch
+        moving.append(f)
+    refs = _buffers([patch])
+    centres = localize.motion_centres(_job(model, refs, _buffers(moving), job="moving"))
+    assert len(centres) == 8
+    for i, c in enumerate(centres):
+        assert c is not None, i
+        assert abs(c[0] - (110 + 50 * i) / 640) < 0.1 and abs(c[1] - 0.5) < 0.1, (i, c)
+    still_c = localize.motion_centres(_job(model, refs, _buffers([still] * 4), job="still"))
+    assert still_c == [None] * 4
+    busy = [rng.integers(0, 256, (360, 640, 3), dtype=np.uint8) for _ in range(4)]
+    assert localize.motion_centres(_job(model, refs, _buffers(busy), job="busy")) == [None] * 4

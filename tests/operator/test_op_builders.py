@@ -139,6 +139,20 @@ def test_workers_are_pinned_to_their_node_without_gpu(full: Pipeline) -> None:
     assert dep["spec"]["selector"]["matchLabels"][constants.LABEL_NODE] == node
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["CLIPLINE_WORKER_CONCURRENCY"] == "2"
+    assert env["CLIPLINE_DECODE_BACKEND"] == "opencv"  # the CRD's default
+
+
+def test_decode_backend_reaches_the_workers_only() -> None:
+    p = _pipeline(workers={"decodeBackend": "nvdec"})
+    workers = _pod(builders.build_worker_deployment(p, "gpu-1", 0, 1))["containers"][0]
+    daemon = _pod(builders.build_daemon_deployment(p, "gpu-1", 0))["containers"][0]
+    assert {"name": "CLIPLINE_DECODE_BACKEND", "value": "nvdec"} in workers["env"]
+    assert "CLIPLINE_DECODE_BACKEND" not in {e["name"] for e in daemon["env"]}
+    # An extraEnv entry of the same name wins, as for every setting.
+    extra = [{"name": "CLIPLINE_DECODE_BACKEND", "value": "pyav"}]
+    p = _pipeline(workers={"decodeBackend": "nvdec"}, extraEnv=extra)
+    env = _pod(builders.build_worker_deployment(p, "gpu-1", 0, 1))["containers"][0]["env"]
+    assert [e["value"] for e in env if e["name"] == "CLIPLINE_DECODE_BACKEND"] == ["pyav"]
 
 
 def test_owner_references_and_names() -> None:

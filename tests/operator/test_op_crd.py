@@ -131,6 +131,21 @@ def test_backends_are_the_daemons() -> None:
         assert crd.validate_spec(spec)["models"]["backend"] == name
 
 
+def test_decode_backends_are_the_workers() -> None:
+    """spec.workers.decodeBackend: the workers' choices (one tuple, in constants)."""
+    from workers import decoders
+
+    prop = crd.spec_schema()["properties"]["workers"]["properties"]["decodeBackend"]
+    assert tuple(prop["enum"]) == constants.DECODE_BACKEND_CHOICES == decoders.CHOICES
+    assert prop["default"] == "opencv"
+    base = {"image": "x", "redis": {"secretRef": {"name": "r"}}}
+    assert crd.validate_spec(base)["workers"]["decodeBackend"] == "opencv"
+    spec = {**base, "workers": {"decodeBackend": "nvdec"}}
+    assert crd.validate_spec(spec)["workers"]["decodeBackend"] == "nvdec"
+    with pytest.raises(crd.SpecError, match="decodeBackend"):
+        crd.validate_spec({**base, "workers": {"decodeBackend": "ffmpeg"}})
+
+
 def test_the_crd_does_not_import_torch() -> None:
     """The operator image path: the backend names come from constants, not the daemon."""
     code = (

@@ -1,11 +1,12 @@
 """A rendered clip plays in a real browser: headless Chromium, over a real HTTP server.
 
 The clip is rendered by :func:`workers.render.render` (the default ``auto`` ffmpeg, and
-the OpenCV VP9 fallback) and served with a page whose ``<video>`` plays it to the end;
-on ``ended`` (or ``error``, or a 30 s stall) a script writes the element's state into
-the page as JSON and calls the server back. The page also loads an image that the
-server holds until that call, so the page's load event, after which ``--dump-dom``
-prints the document, comes after the playback. No WebDriver is involved.
+the OpenCV VP9 fallback; also a 9:16 crop along a moving path) and served with a page
+whose ``<video>`` plays it to the end; on ``ended`` (or ``error``, or a 30 s stall) a
+script writes the element's state into the page as JSON and calls the server back. The
+page also loads an image that the server holds until that call, so the page's load
+event, after which ``--dump-dom`` prints the document, comes after the playback. No
+WebDriver is involved.
 
 A clip the browser cannot show (MPEG-4 part 2 video, which Chromium does not decode)
 is the control: it reports no picture, so the checks are able to fail.
@@ -28,11 +29,12 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from clipline import samples
 from workers import ffmpeg as ffmpeg_tool
-from workers import render
+from workers import reframe, render
 
 pytestmark = pytest.mark.slow
 
@@ -164,6 +166,25 @@ def test_h264_aac_clip_plays_in_chromium(
     assert (got["videoWidth"], got["videoHeight"]) == (320, 240), got
     assert got["frames"] > 0 and got["videoBytes"] > 0, got
     assert got["audioBytes"] > 0, got  # the AAC track was decoded
+
+
+def test_vertical_9x16_clip_plays_in_chromium(
+    source: Path, site: tuple[Path, str], tmp_path: Path
+) -> None:
+    browser = chromium()
+    root, url = site
+    times = 1.0 + np.arange(75) / 25.0
+    samples_t = np.arange(1.0, 4.0, 0.25)
+    boxes = [(0.1 + 0.2 * (t - 1.0), 0.3, 0.15, 0.3) for t in samples_t]  # moving right
+    path = reframe.plan(samples_t, boxes, times, (320, 240), "9:16")
+    assert np.ptp(path.x) > 50 and path.size == (126, 224)
+    clip = render.render(source, root / "clip.mp4", 1.0, 75, 25.0, "auto", crop=path)
+    assert clip.codec == "h264" and clip.audio
+    got = play(browser, url, tmp_path / "profile")
+    assert got["event"] == "ended" and got["error"] is None and got["ended"], got
+    assert got["duration"] == pytest.approx(3.0, abs=0.1), got
+    assert (got["videoWidth"], got["videoHeight"]) == (126, 224), got
+    assert got["frames"] > 0 and got["videoBytes"] > 0 and got["audioBytes"] > 0, got
 
 
 def test_vp9_fallback_clip_plays_without_audio(
