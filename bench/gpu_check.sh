@@ -17,7 +17,7 @@
 #   6. a table of ratios (clipline_bench.gpu_summary) and gpu_check.json.
 #
 # Every step has its own timeout (seconds, env overrides) and its exit status is kept;
-# the defaults add up to 470 s. Files go to $OUT when set (else bench/results/).
+# the defaults add up to 470 s (70 + 60 + 80 + 60 + 100 + 100). Files go to $OUT when set (else bench/results/).
 # Needs the repository only (PYTHONPATH is set to it), not an installed clipline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,10 +26,11 @@ OUT_DIR="${OUT:-bench/results}"
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD:$PWD/bench:$PWD/operator${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-T_TESTS="${GPU_CHECK_TEST_TIMEOUT:-90}"
-T_MODELS="${GPU_CHECK_MODELS_TIMEOUT:-90}"
+T_TESTS="${GPU_CHECK_TEST_TIMEOUT:-70}"
+T_ENGINE="${GPU_CHECK_ENGINE_TIMEOUT:-60}"
+T_MODELS="${GPU_CHECK_MODELS_TIMEOUT:-80}"
 T_DAEMON="${GPU_CHECK_DAEMON_TIMEOUT:-60}"
-T_E2E="${GPU_CHECK_E2E_TIMEOUT:-110}"
+T_E2E="${GPU_CHECK_E2E_TIMEOUT:-100}"
 E2E_WORKERS="${GPU_CHECK_E2E_WORKERS:-8}"
 E2E_JOBS="${GPU_CHECK_E2E_JOBS:-32}"
 start=$(date +%s)
@@ -74,7 +75,10 @@ step() {  # step NAME TIMEOUT CMD...: run, keep the exit status, show the tail
 step gpu_tests "$T_TESTS" "$PY" -m pytest --noconftest -p no:cacheprovider -q -rs \
   --junitxml "$OUT_DIR/gpu_tests.xml" \
   tests/gpu_service/test_models_localizer.py tests/workers/test_decode_gpu.py \
-  tests/gpu_service/test_backends_gpu.py tests/gpu_service/test_engine_gpu.py
+  tests/gpu_service/test_backends_gpu.py
+# The engine through the real daemon needs the conftest's Redis (embedded or local).
+step engine_tests "$T_ENGINE" "$PY" -m pytest -p no:cacheprovider -q -rs \
+  --junitxml "$OUT_DIR/engine_tests.xml" tests/gpu_service/test_engine_gpu.py
 
 step bench_models "$T_MODELS" "$PY" -m clipline_bench.models \
   --variants eager,channels_last:bf16,compile:bf16,cudagraphs:bf16,tensorrt:bf16 \
@@ -99,14 +103,14 @@ fi
 
 elapsed=$(( $(date +%s) - start ))
 rcs=""
-for name in gpu_tests bench_models bench_daemon bench_e2e bench_e2e_nvdec; do
+for name in gpu_tests engine_tests bench_models bench_daemon bench_e2e bench_e2e_nvdec; do
   rcs="$rcs\"$name\": ${RC[$name]:-3}, "
 done
 echo "{${rcs}\"seconds\": $elapsed}" >"$OUT_DIR/gpu_check_rc.json"
 echo "== summary (${elapsed}s)"
 "$PY" -m clipline_bench.gpu_summary "$OUT_DIR"
 fail=0
-for name in gpu_tests bench_models bench_daemon bench_e2e; do
+for name in gpu_tests engine_tests bench_models bench_daemon bench_e2e; do
   [ "${RC[$name]:-3}" -eq 0 ] || fail=1
 done
 exit $fail
