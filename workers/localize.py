@@ -173,6 +173,12 @@ def _coverage(
     return np.asarray((np.minimum(counts, exp) * wb).sum(1) / den)
 
 
+def content_cells(rect: np.ndarray, cell: float) -> tuple[int, int, int, int]:
+    """The colour cells (x0, y0, x1, y1, end excluded) that touch the picture ``rect``."""
+    x, y, w, h = (float(v) for v in rect[:4])
+    return int(x // cell), int(y // cell), math.ceil((x + w) / cell), math.ceil((y + h) / cell)
+
+
 def colour_score(
     cells: np.ndarray,
     product: ProductModel,
@@ -188,7 +194,7 @@ def colour_match(
     product: ProductModel,
     content_cells: tuple[int, int, int, int],
     wb: np.ndarray,
-) -> tuple[float, tuple[float, float, int, int] | None]:
+) -> tuple[float, tuple[int, int, int, int] | None]:
     """:func:`colour_score` and where: the best box (x, y, w, h) in cells of the grid."""
     x0c, y0c, x1c, y1c = content_cells
     c = cells[y0c:y1c, x0c:x1c].astype(np.float32)
@@ -201,7 +207,7 @@ def colour_match(
         return np.asarray(ii[y + hh, x + ww] - ii[y, x + ww] - ii[y + hh, x] + ii[y, x])
 
     best = 0.0
-    where: tuple[int, int, int, int] | None = None  # content-relative cells
+    where: tuple[int, int, int, int] | None = None
     for hc in (3, 4, 5, 7, 9, 12):
         wc = round(hc * product.aspect)
         if hc > gh or wc < 2 or wc > gw:
@@ -219,11 +225,8 @@ def colour_match(
         k = int(sc.argmax())
         if float(sc[k]) > best:
             best = float(sc[k])
-            where = (int(xs[k]), int(ys[k]), wc, hc)
-    if where is None:
-        return best, None
-    bx, by, bw, bh = where
-    return best, (float(x0c + bx), float(y0c + by), bw, bh)
+            where = (x0c + int(xs[k]), y0c + int(ys[k]), wc, hc)
+    return best, where
 
 
 @dataclasses.dataclass
@@ -289,17 +292,12 @@ def evidence(results: JobResults) -> Evidence:
     r = len(products)
     frame_content = content[0, :4] if n else np.array([0, 0, side, side], np.float32)
     cell = side / grid
-    cc = (
-        int(frame_content[0] // cell),
-        int(frame_content[1] // cell),
-        math.ceil((frame_content[0] + frame_content[2]) / cell),
-        math.ceil((frame_content[1] + frame_content[3]) / cell),
-    )
+    cc = content_cells(frame_content, cell)
     inl = np.zeros((n, r), int)
     geo = np.zeros((n, r))
     col = np.zeros((n, r))
     quads: list[list[np.ndarray | None]] = [[None] * r for _ in range(n)]
-    cboxes: list[list[tuple[float, float, int, int] | None]] = [[None] * r for _ in range(n)]
+    cboxes: list[list[tuple[int, int, int, int] | None]] = [[None] * r for _ in range(n)]
     palette = colour[:, cc[1] : cc[3], cc[0] : cc[2]].astype(np.float32).sum((0, 1, 2))
     palette /= max(float(palette.sum()), 1e-6)
     weights = [p.hist / np.maximum(p.hist + palette, 1e-6) for p in products]
@@ -363,8 +361,7 @@ def motion_centres(
     side = float(content[0, 4])
     cell = side / grid
     x0, y0, w, h = (float(v) for v in content[0, :4])
-    cx0, cy0 = int(x0 // cell), int(y0 // cell)
-    cx1, cy1 = math.ceil((x0 + w) / cell), math.ceil((y0 + h) / cell)
+    cx0, cy0, cx1, cy1 = content_cells(content[0, :4], cell)
     c = colour[:, cy0:cy1, cx0:cx1].astype(np.float32)
     step = np.abs(np.diff(c, axis=0)).sum(-1)  # [n-1, gh, gw]
     change = np.zeros(c.shape[:3], np.float32)
@@ -476,12 +473,13 @@ def summary(ev: Evidence, timestamps: np.ndarray, window: Window) -> dict[str, A
 
     per_frame: list[dict[str, Any]] = []
     by_colour: list[dict[str, Any]] = []
-    for i in np.nonzero(inside)[0] if len(verified) else []:
-        quad = ev.boxes[int(i)] if verified[i] else None
+    for i in np.nonzero(inside)[0].tolist() if len(verified) else []:
+        quad = ev.boxes[i] if verified[i] else None
+        where = ev.colour_boxes[i] if i < len(ev.colour_boxes) else None
         if quad is not None:
-            per_frame.append(entry(int(i), quad))
-        elif int(i) < len(ev.colour_boxes) and ev.colour_boxes[int(i)] is not None:
-            by_colour.append(entry(int(i), ev.colour_boxes[int(i)]))  # type: ignore[arg-type]
+            per_frame.append(entry(i, quad))
+        elif where is not None:
+            by_colour.append(entry(i, where))
     box = None
     if per_frame:
         arr = np.array([f["box"] for f in per_frame])

@@ -290,29 +290,13 @@ def bench_localizer(p: Params) -> list[dict[str, Any]]:
     each stage's end). ``rel err`` is the largest difference of any output against the
     reference (0: the same pairs, colours and boxes).
     """
-    import numpy as np
-
+    from gpu_service import inprocess
     from gpu_service.models.localizer import LocalizerModel
-    from gpu_service.shm import ChunkKind, Descriptor
+    from gpu_service.shm import ChunkKind
 
     frames, refs = _localizer_inputs(p)
     frames, refs = frames.to(p.device), refs.to(p.device)
     jobs = [f"bench-{i}" for i in range(p.batch)]
-
-    def item(job: str, kind: ChunkKind, n: int) -> Descriptor:
-        return Descriptor(
-            slot=0,
-            seq=0,
-            kind=kind,
-            job_id=job,
-            generation=0,
-            chunk=0,
-            priority=0,
-            arrival=0.0,
-            published_at=0.0,
-            shape=(n, *frames.shape[2:]),
-            dtype=np.dtype(np.uint8),
-        )
 
     variants = [("reference", "sift_cv2", False), ("fused", "sift_cv2", True)]
     if p.device.type == "cuda":
@@ -333,9 +317,13 @@ def bench_localizer(p: Params) -> list[dict[str, Any]]:
         try:
             model = LocalizerModel(p.device, features=features, fused=fused)
             for job in jobs:
-                model.bind(ChunkKind.REFS, [item(job, ChunkKind.REFS, refs.shape[1])])
+                model.bind(ChunkKind.REFS, inprocess.items_for(ChunkKind.REFS, job, 0, -1, refs))
                 model(refs)
-            model.bind(ChunkKind.FRAMES, [item(job, ChunkKind.FRAMES, p.frames) for job in jobs])
+            rows_of = [  # one job per row of the batch
+                inprocess.items_for(ChunkKind.FRAMES, job, 0, 0, frames[i : i + 1])[0]
+                for i, job in enumerate(jobs)
+            ]
+            model.bind(ChunkKind.FRAMES, rows_of)
             for _ in range(p.warmup):
                 out = model(frames)
         except Exception as exc:

@@ -454,11 +454,10 @@ def pack_pairs(
     out = torch.full((t, MAX_PAIRS + 1, 5), -1.0, device=device)
     offset = torch.zeros(t, dtype=torch.long, device=device)
     for product, views in enumerate(refs):
-        ratios, frame_xy, ref_xy = [], [], []
+        ratios, ref_xy = [], []
         for view in views:
             ok, first, r = match_batched(desc, nq, view.desc)
             ratios.append(torch.where(ok, r, torch.full_like(r, float("inf"))))
-            frame_xy.append(xy)
             if view.xy.shape[0]:
                 ref_xy.append(view.xy[first.clamp_max(view.xy.shape[0] - 1)])
             else:
@@ -466,7 +465,7 @@ def pack_pairs(
         if not ratios:
             continue
         rr = torch.cat(ratios, dim=1)  # [T, V*k]
-        fx = torch.cat(frame_xy, dim=1)
+        fx = xy.repeat(1, len(ratios), 1)  # each view's candidates are the frame's keypoints
         px = torch.cat(ref_xy, dim=1)
         keep = min(MAX_PAIRS_PER_PRODUCT, rr.shape[1])
         best, order = torch.sort(rr, dim=1, stable=True)
@@ -522,12 +521,11 @@ class LocalizerModel(Model):
         )
         self._kind = ChunkKind.FRAMES
         self._items: list[Descriptor] = []
-        self.lut = colour_lut(device)
+        self.lut = colour_lut(device) if fused else None
         #: seconds per stage (colour, features, match, refs) since the model was built;
         #: with ``profile`` the device is waited for at each stage's end (GPU figures
         #: are then exact, at the cost of a sync per stage)
         self.stage_s: dict[str, float] = collections.defaultdict(float)
-        self.stage_calls = 0
         self.profile = False
 
     @property
@@ -619,13 +617,11 @@ class LocalizerModel(Model):
         rects = content_rects(flat)
         items = self._items[:b]
         is_refs = self._kind == ChunkKind.REFS
-        bins = (
-            self.lut(flat) if self.fused else colour_bins(flat.permute(0, 3, 1, 2).float() / 255.0)
-        )
-        if is_refs:
-            weight = (~backdrop(flat.permute(0, 3, 1, 2).float() / 255.0)).float()
-        else:
-            weight = torch.ones_like(bins, dtype=torch.float32)
+        lut = self.lut
+        if lut is None or is_refs:  # float pictures: the reference bins, the product backdrop
+            img = flat.permute(0, 3, 1, 2).float() / 255.0
+        bins = lut(flat) if lut is not None else colour_bins(img)
+        weight = (~backdrop(img)).float() if is_refs else torch.ones_like(bins, dtype=torch.float32)
         colour = cells(bins, weight)
         t0 = self._mark("colour", t0)
         status = torch.full((b * t, 1), STATUS_NO_REFS, device=frames.device)
@@ -639,7 +635,8 @@ class LocalizerModel(Model):
             self._mark("refs", t0)
         else:
             feats = self.features(flat, rects)
-            xy, desc, count = pad_features(feats, self.features.k, self.device)
+            if self.fused:
+                xy, desc, count = pad_features(feats, self.features.k, self.device)
             t0 = self._mark("features", t0)
             pairs = torch.full((b, t, MAX_PAIRS, 5), -1.0, device=frames.device)
             status = status.reshape(b, t, 1)
@@ -657,7 +654,6 @@ class LocalizerModel(Model):
                         pairs[i, j] = self._pairs(fxy, fdesc, refs)
                 status[i] = STATUS_MATCHED
             self._mark("match", t0)
-        self.stage_calls += 1
         return {
             "pairs": pairs.reshape(b, t, MAX_PAIRS, 5),
             "colour": colour.reshape(b, t, GRID, GRID, BINS),
