@@ -112,8 +112,12 @@ def e2e(
         callback_backoff_s=0.3,
         artifact_ttl_s=TTL_S,
     )
-    # A failing store is retried for 2 s within an attempt, then the job is retried.
-    settings = s3_server.settings(base, bucket, s3_retry_timeout_s=2.0)
+    # A failing store is retried for 2 s within an attempt, then the job is retried, with
+    # attempts to spare: a restarted SeaweedFS takes from 3 s to over 40 s (a loaded
+    # machine) to serve again, and the job must not run out of attempts meanwhile.
+    settings = s3_server.settings(base, bucket, s3_retry_timeout_s=2.0).replace(
+        max_attempts=40, retry_backoff_max_s=2.0
+    )
     files = FileServer(media)
     stack = LocalStack(settings, workers=1, api=True)
     client = redis.Redis.from_url(redis_url)
