@@ -53,12 +53,17 @@ typecheck: install
 # when neither can be had).
 OPENCV_DATA ?= $(firstword $(wildcard /usr/share/doc/opencv-doc/examples/data/box.png) .samples/opencv-data/box.png)
 
+# The real sample media (MEDIA): the folder next to the repository, else fetched into
+# .samples/ (tests that need it skip, saying so, when it cannot be had).
 samples:
 	@test -f "$(OPENCV_DATA)" || scripts/fetch-samples.sh .samples --all-data \
 		|| echo "OpenCV sample data unavailable: the quality-case tests will skip"
+	@test -f "$(MEDIA)/Megamind.avi" || scripts/fetch-samples.sh .samples \
+		|| echo "sample media unavailable: the tests on real footage will skip"
 
 pytest: install samples
-	CLIPLINE_OPENCV_DATA="$(abspath $(dir $(OPENCV_DATA)))" $(BIN)/python -m pytest
+	CLIPLINE_OPENCV_DATA="$(abspath $(dir $(OPENCV_DATA)))" \
+		CLIPLINE_MEDIA_DIR="$(abspath $(MEDIA))" $(BIN)/python -m pytest
 
 # Full benchmarks: tables on stdout, JSON under bench/results/.
 bench: install

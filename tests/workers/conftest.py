@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
+import subprocess
 from collections.abc import Iterator
 
 import pytest
-from wlib import Clips, FfClips, Origin, _ffmpeg, worker_settings
+from wlib import Clips, FfClips, Origin, _ffmpeg, ffmpeg_exe, worker_settings
 
 from clipline import samples
 from clipline_core.settings import Settings
@@ -42,7 +42,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> Clips:
 
 @pytest.fixture(scope="session")
 def ffclips(tmp_path_factory: pytest.TempPathFactory, clips: Clips) -> FfClips:
-    if not shutil.which("ffmpeg"):
+    if ffmpeg_exe() is None:
         return FfClips(None, None, None, None)
     d = tmp_path_factory.mktemp("ffclips")
     h264 = d / "footage.mp4"
@@ -57,5 +57,8 @@ def ffclips(tmp_path_factory: pytest.TempPathFactory, clips: Clips) -> FfClips:
     _ffmpeg("-i", str(clips.tiny), "-c:v", "libx264", "-preset", "ultrafast", "-qp", "0",
             str(plain))  # fmt: skip
     rotated = d / "rotated.mp4"
-    _ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(rotated))
+    try:  # ffmpeg 6 and newer write a display matrix; older ones the rotate tag
+        _ffmpeg("-display_rotation", "270", "-i", str(plain), "-c", "copy", str(rotated))
+    except subprocess.CalledProcessError:
+        _ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(rotated))
     return FfClips(h264, vfr, rotated, plain)

@@ -191,10 +191,11 @@ def test_duration_limit_holds_when_the_header_lies(ffclips: FfClips, tmp_path: P
     """A stream without a usable frame count is stopped while decoding."""
     path = need(ffclips.h264)
     raw = tmp_path / "raw.h264"
-    import shutil
     import subprocess
 
-    ffmpeg = shutil.which("ffmpeg")
+    from wlib import ffmpeg_exe
+
+    ffmpeg = ffmpeg_exe()
     assert ffmpeg is not None
     subprocess.run(
         [ffmpeg, "-nostdin", "-v", "error", "-y", "-i", str(path), "-c", "copy", "-f", "h264",

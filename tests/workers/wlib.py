@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from clipline_core.settings import Settings
+from workers import ffmpeg as ffmpeg_tool
 
 
 @dataclasses.dataclass
@@ -178,8 +179,15 @@ class FfClips:
     plain: Path | None  # the unrotated source of ``rotated``
 
 
+def ffmpeg_exe() -> str | None:
+    """The ffmpeg the tests make media with: the one the workers render with (the
+    imageio-ffmpeg wheel's, else one on PATH), so no system ffmpeg is needed."""
+    tool = ffmpeg_tool.find("auto")
+    return tool.path if tool is not None else shutil.which("ffmpeg")
+
+
 def _ffmpeg(*args: str) -> None:
-    ffmpeg = shutil.which("ffmpeg")
+    ffmpeg = ffmpeg_exe()
     assert ffmpeg is not None
     subprocess.run([ffmpeg, "-nostdin", "-v", "error", "-y", *args], check=True)
 
