@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from wlib import Clips, FfClips, corrupt_avi_frame, need
+from wlib import Clips, FfClips, _ffmpeg, corrupt_avi_frame, need
 
 from clipline import samples
 from clipline_core.errors import ClipError, ErrorCode
@@ -191,17 +191,7 @@ def test_duration_limit_holds_when_the_header_lies(ffclips: FfClips, tmp_path: P
     """A stream without a usable frame count is stopped while decoding."""
     path = need(ffclips.h264)
     raw = tmp_path / "raw.h264"
-    import subprocess
-
-    from wlib import ffmpeg_exe
-
-    ffmpeg = ffmpeg_exe()
-    assert ffmpeg is not None
-    subprocess.run(
-        [ffmpeg, "-nostdin", "-v", "error", "-y", "-i", str(path), "-c", "copy", "-f", "h264",
-         str(raw)],
-        check=True,
-    )  # fmt: skip
+    _ffmpeg("-i", str(path), "-c", "copy", "-f", "h264", str(raw))
     cap = cv2.VideoCapture(str(raw), cv2.CAP_FFMPEG)
     declared = cap.get(cv2.CAP_PROP_FRAME_COUNT)
     cap.release()
