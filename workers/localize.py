@@ -18,7 +18,13 @@ turns that into evidence, on the worker's CPU (a few milliseconds per frame):
   expected colour mass it holds (0.5 whole box + 0.5 its four quarters, for a coarse
   layout), colours weighted by how distinctive they are of the product against this
   video's overall palette. Confidence = how far the score is above the video's own
-  background level (its 25th percentile) and an absolute floor.
+  background level (its 25th percentile) and an absolute floor. Where that box says
+  where the product is (reframing follows it), it is refined below the cell
+  (:func:`refine_colour_box`): the product image's own colour layout is laid over the
+  frame's cells at sub-cell positions and scales, and the placement whose expected
+  colour mass best matches the observed (weighted intersection over union) wins; a
+  whole-cell box is off by up to a cell and leans towards the product's most
+  distinctive colours.
 * **Gating**, per product image, decided by the data: when geometry verifies the product
   in two or more frames, frames count by their geometric confidence and colour only
   fills gaps (0.6 x) inside colour runs that geometry confirmed at least once (a
@@ -85,6 +91,11 @@ class ProductModel:
     qfill: np.ndarray  # [2, 2] fraction of each quarter that is product
     aspect: float  # product box w / h
     fill: float  # fraction of the product box that is product (not backdrop)
+    #: [ph, pw, BINS] the product box's colour cells (its colour layout)
+    layout: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((1, 1, 1), np.float32))
+    #: [4] how far the product's outline lies inside its box, in box cells: left, top,
+    #: right, bottom (an edge cell the product fills a third of: 2/3)
+    inset: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(4))
 
 
 def product_model(fg: np.ndarray, content: np.ndarray, side: int) -> ProductModel:
@@ -119,8 +130,18 @@ def product_model(fg: np.ndarray, content: np.ndarray, side: int) -> ProductMode
             quads[a, b] = q / max(float(q.sum()), 1e-6)
             qfill[a, b] = float(q.sum()) / max((yb - ya) * (xb - xa), 1)
     outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32) * cell
+    occ_box = np.clip(box.sum(-1), 0.0, 1.0)
+    cols, rows = occ_box.max(axis=0), occ_box.max(axis=1)
+    inset = np.array([1 - cols[0], 1 - rows[0], 1 - cols[-1], 1 - rows[-1]], np.float64)
     return ProductModel(
-        outline, hist, quads, qfill, (x1 - x0) / (y1 - y0), float(box.sum() / box[..., 0].size)
+        outline,
+        hist,
+        quads,
+        qfill,
+        (x1 - x0) / (y1 - y0),
+        float(box.sum() / box[..., 0].size),
+        np.ascontiguousarray(box, np.float32),
+        inset,
     )
 
 
@@ -229,6 +250,80 @@ def colour_match(
     return best, where
 
 
+#: :func:`refine_colour_box`'s search: rounds of (position step, position span, scale span)
+#: in cells and log scale, each round centred on the best placement of the one before
+REFINE_ROUNDS = ((0.5, 1.5, 0.35), (0.125, 0.375, 0.1))
+#: placements per round along the scale axis
+REFINE_SCALES = 7
+
+
+def _overlaps(starts: np.ndarray, unit: float, n: int, lo: int, hi: int) -> np.ndarray:
+    """``[K, hi - lo, n]``: how much of frame cell ``lo + j`` (width 1) the ``c``-th of
+    ``n`` layout cells (width ``unit``, the first starting at ``starts[k]``) covers."""
+    edges = starts[:, None] + unit * np.arange(n + 1)[None, :]
+    j = np.arange(lo, hi, dtype=np.float64)[None, :, None]
+    a = np.maximum(edges[:, None, :-1], j)
+    b = np.minimum(edges[:, None, 1:], j + 1.0)
+    return np.maximum(b - a, 0.0)
+
+
+def refine_colour_box(
+    cells: np.ndarray,
+    product: ProductModel,
+    content_cells: tuple[int, int, int, int],
+    wb: np.ndarray,
+    box: tuple[int, int, int, int],
+    margin: int = 2,
+) -> tuple[tuple[float, float, float, float], float]:
+    """Where the product is, below the cell, near a whole-cell colour ``box``.
+
+    The product's colour layout (:attr:`ProductModel.layout`) placed at ``(x, y)`` with
+    a width of ``s`` cells predicts each frame cell's colour mass (each layout cell's
+    mass spread over the frame cells it overlaps). Over the frame cells around ``box``
+    (``margin`` cells more each side), the placement whose prediction best matches the
+    observed cells, by intersection over union of their ``wb``-weighted mass, wins:
+    too small a placement leaves product colour unexplained, too large predicts colour
+    that is not there. A coarse-to-fine search (:data:`REFINE_ROUNDS`). Returns the
+    product's outline inside the winning placement (its box less
+    :attr:`ProductModel.inset`) as ``(x, y, w, h)`` in cells of the grid, and the IoU.
+    """
+    x0c, y0c, x1c, y1c = content_cells
+    bx, by, bw, _ = box
+    layout = product.layout.astype(np.float64) * wb
+    ph, pw = layout.shape[:2]
+    rx0, ry0 = max(x0c, bx - margin), max(y0c, by - margin)
+    rx1, ry1 = min(x1c, bx + bw + margin), min(y1c, by + box[3] + margin)
+    seen = cells[ry0:ry1, rx0:rx1].astype(np.float64) * wb
+    gh, gw, bins = seen.shape
+    seen5 = seen[None, :, None]  # [1, gh, 1, gw, B]
+    lay_cols = layout.transpose(1, 0, 2).reshape(pw, ph * bins)
+    best, cx, cy, cs = -1.0, float(bx), float(by), float(max(bw, 1))
+    for step, span, scale_span in REFINE_ROUNDS:
+        xs = cx + np.arange(-span, span + 1e-9, step)
+        ys = cy + np.arange(-span, span + 1e-9, step)
+        round_best = (best, cx, cy, cs)
+        for s in cs * np.exp(np.linspace(-scale_span, scale_span, REFINE_SCALES)):
+            unit = s / pw
+            ax = _overlaps(xs, unit, pw, rx0, rx1)  # [X, gw, pw]
+            ay = _overlaps(ys, unit, ph, ry0, ry1)  # [Y, gh, ph]
+            # expected[y, i, x, j, b] = sum over r, c of ay[y, i, r] ax[x, j, c] layout[r, c, b]
+            cols = ax.reshape(-1, pw) @ lay_cols  # [X * gw, ph * B]
+            cols = cols.reshape(len(xs), gw, ph, bins).transpose(2, 0, 1, 3).reshape(ph, -1)
+            expected = (ay.reshape(-1, ph) @ cols).reshape(len(ys), gh, len(xs), gw, bins)
+            inter = np.minimum(expected, seen5).sum((1, 3, 4))
+            union = np.maximum(expected, seen5).sum((1, 3, 4))
+            iou = inter / np.maximum(union, 1e-9)  # [Y, X]
+            k = np.unravel_index(int(iou.argmax()), iou.shape)
+            if float(iou[k]) > round_best[0]:
+                round_best = (float(iou[k]), float(xs[k[1]]), float(ys[k[0]]), float(s))
+        best, cx, cy, cs = round_best
+    unit = cs / pw
+    left, top, right, bottom = (float(v) * unit for v in product.inset)
+    w = max(cs - left - right, unit)
+    h = max(cs * ph / pw - top - bottom, unit)
+    return (cx + left, cy + top, w, h), max(best, 0.0)
+
+
 @dataclasses.dataclass
 class Evidence:
     """Per-frame evidence that the product is there."""
@@ -239,8 +334,9 @@ class Evidence:
     evidence: np.ndarray  # [N] in [0, 1]: gated, best over product images
     boxes: list[np.ndarray | None]  # per frame: the product's outline (buffer px) or None
     content: np.ndarray  # [4] the video's picture in the buffer (x, y, w, h)
-    #: per frame: where the product's colours are (the best colour box, buffer px) when
-    #: the gated colour evidence reaches :data:`COLOUR_BOX_MIN`, else None
+    #: per frame: where the product's colours are (the best colour box refined below
+    #: the cell, buffer px) when the gated colour evidence reaches
+    #: :data:`COLOUR_BOX_MIN`, else None
     colour_boxes: list[np.ndarray | None] = dataclasses.field(default_factory=list)
 
     @property
@@ -335,7 +431,8 @@ def evidence(results: JobResults) -> Evidence:
         if box is None:
             colour_boxes.append(None)
             continue
-        x, y, w, h = (v * cell for v in box)
+        fine, _ = refine_colour_box(colour[i], products[j], cc, weights[j], box)
+        x, y, w, h = (v * cell for v in fine)
         colour_boxes.append(np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float32))
     return Evidence(inl, geo, ccon, best, boxes, frame_content, colour_boxes)
 
@@ -458,8 +555,8 @@ def summary(ev: Evidence, timestamps: np.ndarray, window: Window) -> dict[str, A
     ``box`` is the product's bounding box over the clip's verified frames, as fractions
     of the picture (x, y, w, h in [0, 1]); ``boxes`` the per-frame boxes (time, box);
     ``colour_boxes`` where the product's colours are in the clip's other frames, when
-    its colour evidence counts (coarse: cells of the colour grid; what reframing
-    follows where geometry did not verify the product).
+    its colour evidence counts (from the colour cells, refined below the cell; what
+    reframing follows where geometry did not verify the product).
     """
     t = np.asarray(timestamps, float)
     inside = (t >= window.start_s - 1e-9) & (t < window.end_s - 1e-9)

@@ -334,18 +334,42 @@ def _consistent(boxes: Sequence[Box | None], factor: float) -> list[Box | None]:
 
 
 def _held(ts: np.ndarray, boxes: Sequence[Box | None], hold_s: float) -> list[Box | None]:
-    """``boxes`` with each gap's first ``hold_s`` seconds keeping the box before it."""
-    out: list[Box | None] = []
-    last: Box | None = None
-    last_t = -math.inf
-    for t, b in zip(ts.tolist(), boxes, strict=True):
-        if b is not None and all(math.isfinite(v) for v in b) and b[2] > 0 and b[3] > 0:
-            last, last_t = b, t
-            out.append(b)
-        elif last is not None and t - last_t <= hold_s + 1e-9:
-            out.append(last)
-        else:
-            out.append(None)
+    """``boxes`` with gaps up to ``hold_s`` seconds bridged.
+
+    A gap with a box on either side is interpolated between them (a product moving
+    through a missed sighting keeps moving); one at the end keeps the last box for its
+    first ``hold_s`` seconds (the product went out of sight: hold where it was).
+    """
+    good = [
+        b if b is not None and all(math.isfinite(v) for v in b) and b[2] > 0 and b[3] > 0 else None
+        for b in boxes
+    ]
+    out: list[Box | None] = list(good)
+    t = ts.tolist()
+    last = -1  # the index of the last box seen
+    for k, b in enumerate(good):
+        if b is None:
+            continue
+        if 0 <= last < k - 1 and t[k] - t[last] <= hold_s + 1e-9:
+            a = good[last]
+            assert a is not None
+            span = t[k] - t[last]
+            for i in range(last + 1, k):
+                u = (t[i] - t[last]) / span if span > 0 else 0.0
+                out[i] = (
+                    a[0] + u * (b[0] - a[0]),
+                    a[1] + u * (b[1] - a[1]),
+                    a[2] + u * (b[2] - a[2]),
+                    a[3] + u * (b[3] - a[3]),
+                )
+        last = k
+    for k in range(len(out)):  # the rest of the gaps: the last box held
+        if out[k] is None and k > 0 and out[k - 1] is not None:
+            j = k - 1
+            while j > 0 and good[j] is None:
+                j -= 1
+            if good[j] is not None and t[k] - t[j] <= hold_s + 1e-9:
+                out[k] = out[k - 1]
     return out
 
 

@@ -151,13 +151,13 @@ def test_a_short_gap_holds_the_last_position() -> None:
     tail = reframe.plan(ts, lost, frame_times(0, 125), (W, H), "9:16")
     assert np.ptp(tail.x) == 0.0 and tail.x[-1] == path.x[0]
     # Seen on the left (last at 1.75 s), lost for 0.75 s, then on the right from 2.75 s:
-    # the gap keeps the left position, so the move (spread over the frames the bounds
-    # need, centred on it) is half done between the last held sample (2.5 s) and the
-    # product's return; without the hold the gap is free and the move is half done in it.
+    # a gap with a sighting either side is bridged by moving between them, so the move
+    # is half done in the middle of the gap (2.25 s); a gap longer than ``hold_s``
+    # keeps the left position for ``hold_s``, so the move is half done after it.
     moved = [None if 2.0 <= t < 2.75 else at_left if t < 2 else (0.8, 0.4, 0.1, 0.2) for t in ts]
     mv = reframe.plan(ts, moved, frame_times(0, 125), (W, H), "9:16")
-    no_hold = reframe.plan(
-        ts, moved, frame_times(0, 125), (W, H), "9:16", reframe.ReframeConfig(hold_s=0.0)
+    held = reframe.plan(
+        ts, moved, frame_times(0, 125), (W, H), "9:16", reframe.ReframeConfig(hold_s=0.5)
     )
 
     def half_way(p: reframe.CropPath) -> float:
@@ -165,10 +165,26 @@ def test_a_short_gap_holds_the_last_position() -> None:
         return float(p.times[int(np.argmax(p.x >= mid))])
 
     assert mv.x[-1] > path.x[0] + 200 and abs(mv.x[0] - path.x[0]) <= 0.08 * 202
-    assert half_way(mv) == pytest.approx(2.625, abs=0.1)
-    assert half_way(no_hold) < half_way(mv) - 0.3
-    v, a = speeds(mv)
-    assert v <= mv.max_speed_px + 1e-9 and a <= mv.max_accel_px + 1e-9
+    assert half_way(mv) == pytest.approx(2.25, abs=0.1)
+    assert half_way(held) == pytest.approx(2.5, abs=0.1)
+    for p in (mv, held):
+        v, a = speeds(p)
+        assert v <= p.max_speed_px + 1e-9 and a <= p.max_accel_px + 1e-9
+
+
+def test_a_gap_between_sightings_follows_the_moving_product() -> None:
+    """A product moving steadily, missed in every other sampled frame, stays whole."""
+    ts = sampled(0.0, 5.0)
+    ft = frame_times(0, 125)
+    x = lambda t: 0.1 + 0.12 * t  # noqa: E731 - left edge, fraction of the width
+    boxes = [None if k % 3 else (x(t), 0.3, 0.3, 0.4) for k, t in enumerate(ts)]
+    path = reframe.plan(ts, boxes, ft, (W, H), "9:16")
+    truth = np.array([[x(t) * W, 0.3 * H, (x(t) + 0.3) * W, 0.7 * H] for t in ft])
+    seen = ft <= max(t for t, b in zip(ts, boxes, strict=True) if b is not None)
+    assert inside(path, truth)[seen].all()
+    # holding each sighting through the gaps instead lags behind the product
+    lag = reframe.plan(ts, boxes, ft, (W, H), "9:16", reframe.ReframeConfig(hold_s=0.2))
+    assert not inside(lag, truth)[seen].all()
 
 
 def test_a_product_never_seen_is_a_still_centre_crop() -> None:
