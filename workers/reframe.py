@@ -15,8 +15,10 @@ timestamps, as picture fractions: :func:`sightings` reads them from the localize
   around the position that centres it; a box larger than the window is centred. The
   camera moves only when the box leaves that corridor: a product that barely moves
   gets a still camera.
-* **Gaps**: a sampled frame without a box, up to ``hold_s`` after one, keeps the last
-  box (short occlusions, a missed verification). Longer gaps follow the attention
+* **Gaps**: sampled frames without a box between two boxes at most ``hold_s`` apart
+  get the box interpolated between them (a missed verification of a moving product);
+  otherwise, up to ``hold_s`` after the last box, they keep it (the product went out
+  of sight or was occluded). Longer gaps follow the attention
   centres when given (a saliency map's peak, per sampled frame), else hold still. A
   clip where the product is never seen follows the attention, else is a still centre
   crop.
@@ -68,7 +70,7 @@ class ReframeConfig:
     max_accel: float = 0.001  # velocity change per frame (1920 px source: 1.9 px)
     dead_zone: float = 0.08  # the product's centre may stray this fraction of the window
     margin: float = 0.04  # room kept around the product, a fraction of the window
-    hold_s: float = 1.0  # a gap in the sightings up to this long keeps the last box
+    hold_s: float = 1.0  # a gap in the sightings up to this long is bridged (see above)
     tolerance_px: float = 0.25  # keyframes: the most the linear path strays from the smooth
     outlier_area: float = 2.5  # a sighting this many times off the median area is dropped
 
