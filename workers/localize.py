@@ -91,11 +91,10 @@ class ProductModel:
     qfill: np.ndarray  # [2, 2] fraction of each quarter that is product
     aspect: float  # product box w / h
     fill: float  # fraction of the product box that is product (not backdrop)
-    #: [ph, pw, BINS] the product box's colour cells (its colour layout)
-    layout: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((1, 1, 1), np.float32))
+    layout: np.ndarray  # [ph, pw, BINS] the product box's colour cells (its colour layout)
     #: [4] how far the product's outline lies inside its box, in box cells: left, top,
     #: right, bottom (an edge cell the product fills a third of: 2/3)
-    inset: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(4))
+    inset: np.ndarray
 
 
 def product_model(fg: np.ndarray, content: np.ndarray, side: int) -> ProductModel:

@@ -39,6 +39,7 @@ Pure NumPy: must not import OpenCV, torch, the daemon or the rest of the worker.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -348,30 +349,23 @@ def _held(ts: np.ndarray, boxes: Sequence[Box | None], hold_s: float) -> list[Bo
     ]
     out: list[Box | None] = list(good)
     t = ts.tolist()
-    last = -1  # the index of the last box seen
-    for k, b in enumerate(good):
-        if b is None:
+    seen = [k for k, b in enumerate(good) if b is not None]
+    for a, z in itertools.pairwise(seen):  # gaps between two boxes: interpolated
+        first, last = good[a], good[z]
+        assert first is not None and last is not None
+        if z - a < 2 or t[z] - t[a] > hold_s + 1e-9:
             continue
-        if 0 <= last < k - 1 and t[k] - t[last] <= hold_s + 1e-9:
-            a = good[last]
-            assert a is not None
-            span = t[k] - t[last]
-            for i in range(last + 1, k):
-                u = (t[i] - t[last]) / span if span > 0 else 0.0
-                out[i] = (
-                    a[0] + u * (b[0] - a[0]),
-                    a[1] + u * (b[1] - a[1]),
-                    a[2] + u * (b[2] - a[2]),
-                    a[3] + u * (b[3] - a[3]),
-                )
-        last = k
-    for k in range(len(out)):  # the rest of the gaps: the last box held
-        if out[k] is None and k > 0 and out[k - 1] is not None:
-            j = k - 1
-            while j > 0 and good[j] is None:
-                j -= 1
-            if good[j] is not None and t[k] - t[j] <= hold_s + 1e-9:
-                out[k] = out[k - 1]
+        span = t[z] - t[a]
+        for i in range(a + 1, z):
+            u = (t[i] - t[a]) / span if span > 0 else 0.0
+            x, y, w, h = (p + u * (q - p) for p, q in zip(first, last, strict=True))
+            out[i] = (x, y, w, h)
+    held = -1  # the rest of the gaps: the last box held for ``hold_s``
+    for k, b in enumerate(good):
+        if b is not None:
+            held = k
+        elif out[k] is None and held >= 0 and t[k] - t[held] <= hold_s + 1e-9:
+            out[k] = good[held]
     return out
 
 
