@@ -17,10 +17,13 @@ turns that into evidence, on the worker's CPU (a few milliseconds per frame):
   sizes slid over the frame's colour cells; a box scores how much of the product's
   expected colour mass it holds (0.5 whole box + 0.5 its four quarters, for a coarse
   layout), colours weighted by how distinctive they are of the product against this
-  video's overall palette. Confidence = how far the score is above the video's own
-  background level (its 25th percentile) and an absolute floor. Where that box says
-  where the product is (reframing follows it), it is refined below the cell
-  (:func:`refine_colour_box`): the product image's own colour layout is laid over the
+  video's overall palette. A product photo cropped tight (no plain backdrop for the
+  daemon to leave out) is also scored without its surroundings' colours
+  (:func:`without_context`), and the better of the two views counts per frame: a video
+  may show the product cut out of that photo's scene or the photo whole. Confidence =
+  how far the score is above the video's own background level (its 25th percentile)
+  and an absolute floor. Where that box says where the product is (reframing follows
+  it), it is refined below the cell (:func:`refine_colour_box`): the product image's own colour layout is laid over the
   frame's cells at sub-cell positions and scales, and the placement whose expected
   colour mass best matches the observed (weighted intersection over union) wins; a
   whole-cell box is off by up to a cell and leans towards the product's most
@@ -142,6 +145,44 @@ def product_model(fg: np.ndarray, content: np.ndarray, side: int) -> ProductMode
         np.ascontiguousarray(box, np.float32),
         inset,
     )
+
+
+#: a colour is the product photo's context (not the product) when its density on the
+#: ring of edge cells is more than this many times its density in the middle half
+CONTEXT_RATIO = 2.0
+
+
+def without_context(fg: np.ndarray, content: np.ndarray, side: int) -> np.ndarray | None:
+    """A product image's colour cells with its surroundings' colours left out, or None.
+
+    The daemon leaves out a plain backdrop; a photo cropped tight around the product (an
+    orange on its tree, a bag on a table) keeps its surroundings, which a video showing
+    the product elsewhere does not. Only for such pictures (most of the ring of edge
+    cells occupied) the colours far more common on that ring than in the picture's
+    middle half (:data:`CONTEXT_RATIO`; a product photo centres its product) are taken
+    for surroundings and zeroed. None where the daemon
+    found a backdrop or no colour qualifies.
+    """
+    grid = fg.shape[0]
+    cell = side / grid
+    x, y, w, h = (float(v) for v in content[:4])
+    y0, y1 = math.ceil(y / cell), int((y + h) // cell)
+    x0, x1 = math.ceil(x / cell), int((x + w) // cell)
+    if y1 - y0 < 3 or x1 - x0 < 3:
+        return None
+    f = fg[y0:y1, x0:x1].astype(np.float32)
+    ring = np.ones(f.shape[:2], bool)
+    ring[1:-1, 1:-1] = False
+    if (f.sum(-1)[ring] > 0.9).mean() <= 0.5:
+        return None
+    hh, ww = f.shape[0] // 4, f.shape[1] // 4
+    centre = f[hh : f.shape[0] - hh, ww : f.shape[1] - ww].reshape(-1, f.shape[-1])
+    context = f[ring].mean(0) > CONTEXT_RATIO * centre.mean(0)
+    if not context.any() or context.all():
+        return None
+    out = fg.astype(np.float32).copy()
+    out[..., context] = 0
+    return out
 
 
 def verify(
@@ -385,6 +426,13 @@ def evidence(results: JobResults) -> Evidence:
     side = int(ref_content[0, 4])
     products = [product_model(ref_colour[i], ref_content[i], side) for i in range(len(ref_colour))]
     r = len(products)
+    # colour views per product image: the picture, and without its surroundings' colours
+    views: list[list[ProductModel]] = []
+    for i, product in enumerate(products):
+        bare = without_context(ref_colour[i], ref_content[i], side)
+        views.append([product])
+        if bare is not None:
+            views[-1].append(product_model(bare, ref_content[i], side))
     frame_content = content[0, :4] if n else np.array([0, 0, side, side], np.float32)
     cell = side / grid
     cc = content_cells(frame_content, cell)
@@ -393,15 +441,19 @@ def evidence(results: JobResults) -> Evidence:
     col = np.zeros((n, r))
     quads: list[list[np.ndarray | None]] = [[None] * r for _ in range(n)]
     cboxes: list[list[tuple[int, int, int, int] | None]] = [[None] * r for _ in range(n)]
+    cview = np.zeros((n, r), int)  # which colour view of the product image matched best
     palette = colour[:, cc[1] : cc[3], cc[0] : cc[2]].astype(np.float32).sum((0, 1, 2))
     palette /= max(float(palette.sum()), 1e-6)
-    weights = [p.hist / np.maximum(p.hist + palette, 1e-6) for p in products]
+    weights = [[v.hist / np.maximum(v.hist + palette, 1e-6) for v in vs] for vs in views]
     for i in range(n):
         rows = pairs[i][pairs[i][:, 4] >= 0]
         for j, product in enumerate(products):
             mine = rows[rows[:, 4] == j]
             inl[i, j], geo[i, j], quads[i][j] = verify(mine, product, content[i, :4])
-            col[i, j], cboxes[i][j] = colour_match(colour[i], product, cc, weights[j])
+            for k, view in enumerate(views[j]):
+                score, where = colour_match(colour[i], view, cc, weights[j][k])
+                if k == 0 or score > col[i, j]:
+                    col[i, j], cboxes[i][j], cview[i, j] = score, where, k
     base = np.percentile(col, 25, axis=0) if n else np.zeros(r)
     ccon = np.clip((col - np.maximum(base + COL_MARGIN, COL_FLOOR)) / COL_SPAN, 0, 1)
     ev = np.zeros((n, r))
@@ -430,7 +482,8 @@ def evidence(results: JobResults) -> Evidence:
         if box is None:
             colour_boxes.append(None)
             continue
-        fine, _ = refine_colour_box(colour[i], products[j], cc, weights[j], box)
+        k = int(cview[i, j])
+        fine, _ = refine_colour_box(colour[i], views[j][k], cc, weights[j][k], box)
         x, y, w, h = (v * cell for v in fine)
         colour_boxes.append(np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float32))
     return Evidence(inl, geo, ccon, best, boxes, frame_content, colour_boxes)

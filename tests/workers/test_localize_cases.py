@@ -31,6 +31,7 @@ FAILURE_MODES = {
     "a short appearance loses to busier footage": "c08_three_seconds",
     "an occluded product among film footage": "h03_squirrel_occluded",
     "a product never shown is reported as not found": "c18_absent",
+    "a tight product photo's scene is not in the video (cut out, dimmed)": "c16_orange_relit",
 }
 
 
