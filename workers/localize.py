@@ -23,11 +23,11 @@ turns that into evidence, on the worker's CPU (a few milliseconds per frame):
   may show the product cut out of that photo's scene or the photo whole. Confidence =
   how far the score is above the video's own background level (its 25th percentile)
   and an absolute floor. Where that box says where the product is (reframing follows
-  it), it is refined below the cell (:func:`refine_colour_box`): the product image's own colour layout is laid over the
-  frame's cells at sub-cell positions and scales, and the placement whose expected
-  colour mass best matches the observed (weighted intersection over union) wins; a
-  whole-cell box is off by up to a cell and leans towards the product's most
-  distinctive colours.
+  it), it is refined below the cell (:func:`refine_colour_box`): the product image's
+  own colour layout is laid over the frame's cells at sub-cell positions and scales,
+  and the placement whose expected colour mass best matches the observed (weighted
+  intersection over union) wins; a whole-cell box is off by up to a cell and leans
+  towards the product's most distinctive colours.
 * **Gating**, per product image, decided by the data: when geometry verifies the product
   in two or more frames, frames count by their geometric confidence and colour only
   fills gaps (0.6 x) inside colour runs that geometry confirmed at least once (a
