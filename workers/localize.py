@@ -67,6 +67,10 @@ FOUND_MIN = 0.25
 COL_MARGIN, COL_FLOOR, COL_SPAN = 0.2, 0.55, 0.15
 #: geometry confidence from which a frame counts as verified
 VERIFIED = 0.5
+#: inliers from which a verified frame's homography outline says where the product is
+#: better than its refined colour box (fewer, on a product with little texture, fit a
+#: homography that passes the checks but lands the outline tens of pixels off)
+PRECISE_INLIERS = 30
 #: gated colour evidence from which a frame's best colour box says where the product is
 #: (for reframing, where geometry did not verify the product)
 COLOUR_BOX_MIN = 0.3
@@ -601,14 +605,22 @@ def choose_window(
     return Window(s, s + length_s, float(means[j]), bool(means[j] >= FOUND_MIN))
 
 
+def _area(quad: np.ndarray) -> float:
+    """The area of a quadrilateral's bounding box."""
+    span = quad.max(axis=0) - quad.min(axis=0)
+    return float(span[0] * span[1])
+
+
 def summary(ev: Evidence, timestamps: np.ndarray, window: Window) -> dict[str, Any]:
     """``highlight.product``: whether and where the product was found in the clip.
 
     ``box`` is the product's bounding box over the clip's verified frames, as fractions
-    of the picture (x, y, w, h in [0, 1]); ``boxes`` the per-frame boxes (time, box);
-    ``colour_boxes`` where the product's colours are in the clip's other frames, when
-    its colour evidence counts (from the colour cells, refined below the cell; what
-    reframing follows where geometry did not verify the product).
+    of the picture (x, y, w, h in [0, 1]); ``boxes`` the per-frame boxes (time, box) of
+    verified frames; ``colour_boxes`` where the product's colours are in the clip's
+    other frames, when its colour evidence counts (from the colour cells, refined below
+    the cell; what reframing follows where geometry did not verify the product), and in
+    verified frames whose homography rests on fewer than :data:`PRECISE_INLIERS`
+    inliers (those frames are then not in ``boxes``): each frame is in one list.
     """
     t = np.asarray(timestamps, float)
     inside = (t >= window.start_s - 1e-9) & (t < window.end_s - 1e-9)
@@ -620,23 +632,28 @@ def summary(ev: Evidence, timestamps: np.ndarray, window: Window) -> dict[str, A
         hi = np.clip((quad.max(axis=0) - [x0, y0]) / [w, h], 0, 1)
         return {"t": round(float(t[i]), 3), "box": [round(float(v), 4) for v in (*lo, *(hi - lo))]}
 
+    best_inliers = ev.inliers.max(axis=1) if ev.inliers.size else np.zeros(len(t), int)
     per_frame: list[dict[str, Any]] = []
     by_colour: list[dict[str, Any]] = []
+    seen: list[dict[str, Any]] = []  # every verified frame's box
     for i in np.nonzero(inside)[0].tolist() if len(verified) else []:
         quad = ev.boxes[i] if verified[i] else None
         where = ev.colour_boxes[i] if i < len(ev.colour_boxes) else None
         if quad is not None:
-            per_frame.append(entry(i, quad))
+            seen.append(entry(i, quad))
+        if quad is not None and (
+            where is None or best_inliers[i] >= PRECISE_INLIERS or _area(where) > _area(quad)
+        ):
+            per_frame.append(seen[-1])
         elif where is not None:
             by_colour.append(entry(i, where))
     box = None
-    if per_frame:
-        arr = np.array([f["box"] for f in per_frame])
+    if seen:
+        arr = np.array([f["box"] for f in seen])
         lo = arr[:, :2].min(axis=0)
         hi = (arr[:, :2] + arr[:, 2:]).max(axis=0)
         box = [round(float(v), 4) for v in (*lo, *(hi - lo))]
     n_in = int(inside.sum())
-    best_inliers = ev.inliers.max(axis=1) if ev.inliers.size else np.zeros(len(t), int)
     return {
         "found": bool(window.found),
         "score": round(float(window.score), 4),

@@ -63,7 +63,7 @@ PORTRAIT = (360, 640)
 CLIP_S = 5.0
 """Length of the highlight a scorer chooses (what :func:`hit` is meant for)."""
 
-_RECIPE_VERSION = 1  # bump when rendering changes in a way the specs do not show
+_RECIPE_VERSION = 2  # bump when rendering changes in a way the specs do not show
 _HUE_MASKED = frozenset({"apple.jpg", "orange.jpg"})  # cut out by hue, not by flood fill
 
 
@@ -643,7 +643,8 @@ def _object_mask(name: str, im: np.ndarray) -> np.ndarray:
     """The product's cut-out mask (1 inside), for composites with the backdrop removed.
 
     White or black studio backdrops: flood fill from the corners. Apple and orange (on a
-    green-grey backdrop): warm, saturated pixels, largest component, holes filled.
+    green-grey backdrop): warm, saturated pixels, largest component, thin parts (a twig,
+    a stalk) opened away, holes filled.
     """
     h, w = im.shape[:2]
     if name in _HUE_MASKED:
@@ -656,6 +657,15 @@ def _object_mask(name: str, im: np.ndarray) -> np.ndarray:
             raise _SourceError(f"no product found in {name} to cut out")
         k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
         m = (lab == k).astype(np.uint8)
+        # the fruit, not the twig or stalk beside it: holes filled, thin parts opened away
+        outline, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(m, outline, -1, 1, thickness=-1)
+        r = max(3, min(h, w) // 12)
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        opened = cv2.morphologyEx(m, cv2.MORPH_OPEN, disk)
+        _n, lab, stats, _ = cv2.connectedComponentsWithStats(opened)
+        if len(stats) >= 2:
+            m = (lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
     else:
         gray = cv2.cvtColor(im, cv2.COLOR_BGR2GRAY)
         ff = np.zeros((h + 2, w + 2), np.uint8)

@@ -230,3 +230,25 @@ def test_never_shown_is_a_hit_only_when_not_found() -> None:
     assert not qc.hit((), 3.0, 8.0, found=True)
     with pytest.raises(ValueError):
         qc.hit(((1.0, 6.0),), 5.0, 4.0, found=True)
+
+
+@pytest.mark.parametrize("name", sorted(qc._HUE_MASKED))
+def test_fruit_cut_outs_are_the_fruit_alone(name: str) -> None:
+    """A cut-out keeps no thin part beside the fruit (a twig, a stalk): the true box is
+    the product's, so a crop holding the fruit but not a twig is not counted a miss.
+    Checked independently of how the mask is made: removing everything thinner than a
+    twentieth of the picture (an opening) leaves the mask's bounding box unchanged."""
+    media = samples.real_media_dir()
+    if media is None or not (media / name).is_file():
+        pytest.skip(f"no {name} in the shared sample media")
+    im = cv2.imread(str(media / name))
+    mask = qc._object_mask(name, im)
+    r = min(im.shape[:2]) // 40
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    solid = cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk)
+    x, y, w, h = cv2.boundingRect(mask)
+    sx, sy, sw, sh = cv2.boundingRect(solid)
+    tol = 2
+    assert abs(x - sx) <= tol and abs(y - sy) <= tol, (x, y, sx, sy)
+    assert abs(x + w - sx - sw) <= tol and abs(y + h - sy - sh) <= tol, (x, y, w, h, sx, sy, sw, sh)
+    assert mask.mean() > 0.2  # and the fruit itself is there
