@@ -164,8 +164,9 @@ def without_context(fg: np.ndarray, content: np.ndarray, side: int) -> np.ndarra
     the product elsewhere does not. Only for such pictures (most of the ring of edge
     cells occupied) the colours far more common on that ring than in the picture's
     middle half (:data:`CONTEXT_RATIO`; a product photo centres its product) are taken
-    for surroundings and zeroed. None where the daemon
-    found a backdrop or no colour qualifies.
+    for surroundings and zeroed. None where the daemon found a backdrop or no colour
+    qualifies. Colours the product shares with its surroundings go too (bins, not
+    pixels): the view is for finding the product, the whole picture's view stays.
     """
     grid = fg.shape[0]
     cell = side / grid
