@@ -109,12 +109,9 @@ def product_model(fg: np.ndarray, content: np.ndarray, side: int) -> ProductMode
     grid = fg.shape[0]
     cell = side / grid
     fg = fg.astype(np.float32).copy()
-    x, y, w, h = (float(v) for v in content[:4])
+    ix0, iy0, ix1, iy1 = inner_cells(content, cell)
     keep = np.zeros((grid, grid), bool)
-    keep[
-        math.ceil(y / cell) : int((y + h) // cell),
-        math.ceil(x / cell) : int((x + w) // cell),
-    ] = True
+    keep[iy0:iy1, ix0:ix1] = True
     if keep.any():
         fg[~keep] = 0
     occ = fg.sum(-1)
@@ -168,11 +165,7 @@ def without_context(fg: np.ndarray, content: np.ndarray, side: int) -> np.ndarra
     qualifies. Colours the product shares with its surroundings go too (bins, not
     pixels): the view is for finding the product, the whole picture's view stays.
     """
-    grid = fg.shape[0]
-    cell = side / grid
-    x, y, w, h = (float(v) for v in content[:4])
-    y0, y1 = math.ceil(y / cell), int((y + h) // cell)
-    x0, x1 = math.ceil(x / cell), int((x + w) // cell)
+    x0, y0, x1, y1 = inner_cells(content, side / fg.shape[0])
     if y1 - y0 < 3 or x1 - x0 < 3:
         return None
     f = fg[y0:y1, x0:x1].astype(np.float32)
@@ -243,6 +236,12 @@ def content_cells(rect: np.ndarray, cell: float) -> tuple[int, int, int, int]:
     """The colour cells (x0, y0, x1, y1, end excluded) that touch the picture ``rect``."""
     x, y, w, h = (float(v) for v in rect[:4])
     return int(x // cell), int(y // cell), math.ceil((x + w) / cell), math.ceil((y + h) / cell)
+
+
+def inner_cells(rect: np.ndarray, cell: float) -> tuple[int, int, int, int]:
+    """The colour cells (x0, y0, x1, y1, end excluded) wholly inside the picture ``rect``."""
+    x, y, w, h = (float(v) for v in rect[:4])
+    return math.ceil(x / cell), math.ceil(y / cell), int((x + w) // cell), int((y + h) // cell)
 
 
 def colour_score(
