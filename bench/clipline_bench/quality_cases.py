@@ -652,20 +652,14 @@ def _object_mask(name: str, im: np.ndarray) -> np.ndarray:
         hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
         warm = (((hue < 25) | (hue > 165)) & (sat > 90) & (val > 50)).astype(np.uint8)
         closed = cv2.morphologyEx(warm, cv2.MORPH_CLOSE, np.ones((15, 15), np.uint8))
-        _n, lab, stats, _ = cv2.connectedComponentsWithStats(closed)
-        if len(stats) < 2:
+        m = _largest(closed)
+        if m is None:
             raise _SourceError(f"no product found in {name} to cut out")
-        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        m = (lab == k).astype(np.uint8)
         # the fruit, not the twig or stalk beside it: holes filled, thin parts opened away
-        outline, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(m, outline, -1, 1, thickness=-1)
         r = max(3, min(h, w) // 12)
         disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-        opened = cv2.morphologyEx(m, cv2.MORPH_OPEN, disk)
-        _n, lab, stats, _ = cv2.connectedComponentsWithStats(opened)
-        if len(stats) >= 2:
-            m = (lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+        fruit = _largest(cv2.morphologyEx(_filled(m), cv2.MORPH_OPEN, disk))
+        m = fruit if fruit is not None else m
     else:
         gray = cv2.cvtColor(im, cv2.COLOR_BGR2GRAY)
         ff = np.zeros((h + 2, w + 2), np.uint8)
@@ -674,8 +668,21 @@ def _object_mask(name: str, im: np.ndarray) -> np.ndarray:
             if ff[y + 1, x + 1] == 0:
                 cv2.floodFill(gray, ff, (x, y), 0, loDiff=12, upDiff=12, flags=flags)
         m = (ff[1:-1, 1:-1] == 0).astype(np.uint8)
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    out = np.zeros_like(m)
+    return _filled(m)
+
+
+def _largest(mask: np.ndarray) -> np.ndarray | None:
+    """The largest connected component of ``mask`` (uint8, 1 inside), or None if empty."""
+    _n, lab, stats, _ = cv2.connectedComponentsWithStats(mask)
+    if len(stats) < 2:
+        return None
+    return (lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+
+
+def _filled(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with its holes filled (every outer contour drawn solid)."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.zeros_like(mask)
     cv2.drawContours(out, contours, -1, 1, thickness=-1)
     return out
 
